@@ -362,10 +362,11 @@ class MambaBlock(nn.Module):
 def _rotary(x, start):
     """Rotary position embedding (Su et al., RoFormer, arXiv 2104.09864) of x (b, h, l, e) at positions start, ..."""
     l, e = x.shape[2], x.shape[3]
-    inv_freq = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=torch.float32) / e)    # (e/2,)
-    angle = torch.arange(start, start + l, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (l, e/2)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=compute) / e)          # (e/2,)
+    angle = torch.arange(start, start + l, device=x.device, dtype=compute)[:, None] * inv_freq   # (l, e/2)
     cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)                                         # (b, h, l, e/2) each
+    x1, x2 = x.to(compute).chunk(2, dim=-1)                                     # (b, h, l, e/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)   # (b, h, l, e)
 
 
