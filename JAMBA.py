@@ -102,39 +102,42 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
 
 
 def _scan_forward_(a, x):
-    """In place along dim 2: x_t <- a_t * x_{t-1} + x_t (x_{-1} = 0). Clobbers a. Shapes (b, c, l, n).
+    """In place along dim 0 (time): x_t <- a_t * x_{t-1} + x_t, with x_{-1} = 0. Clobbers a.
 
-    Odd-even (Blelloch-style) recursion, O(l) work in log2(l) levels:
-        1. fold each pair (2i, 2i+1) into one step:  x_{2i+1} += a_{2i+1} x_{2i};  a_{2i+1} *= a_{2i}
-        2. the odd positions now form a recurrence half as long: scan it (recursively, on strided views)
-        3. each even position 2i >= 2 takes one step from its finished odd neighbour: x_{2i} += a_{2i} x_{2i-1}
-    An odd length leaves the last element unpaired; step 3 finishes it like any other even position.
+    The odd-even parallel scan (Blelloch-style): O(l) work in log2(l) levels, each level one elementwise op on
+    every other time step, all channels at once. For l = 8, writing x_i..j for "the recurrence from i to j":
+
+        1. fold each pair (2i, 2i+1) into one step       x1 = x0..1   x3 = x2..3   x5 = x4..5   x7 = x6..7
+           x_{2i+1} += a_{2i+1} x_{2i};  a_{2i+1} *= a_{2i}   (a_{2i+1} now carries the pair over its two steps)
+        2. the odd positions form a recurrence half as long: scan it in place (recursively, on a strided view)
+                                                        x1 = x0..1   x3 = x0..3   x5 = x0..5   x7 = x0..7
+        3. each even position 2i >= 2 takes one step from the finished odd position before it
+           x_{2i} += a_{2i} x_{2i-1}                    x2 = x0..2   x4 = x0..4   x6 = x0..6
+    An odd length leaves its last element unpaired in step 1; step 3 finishes it like any other even position.
     """
-    l = x.shape[2]
+    l = x.shape[0]
     if l < 2:
         return
-    x[:, :, 1::2].addcmul_(a[:, :, 1::2], x[:, :, 0:l - 1:2])
-    a[:, :, 1::2].mul_(a[:, :, 0:l - 1:2])
-    _scan_forward_(a[:, :, 1::2], x[:, :, 1::2])
-    x[:, :, 2::2].addcmul_(a[:, :, 2::2], x[:, :, 1:l - 1:2])
+    x[1::2].addcmul_(a[1::2], x[0:l - 1:2])
+    a[1::2].mul_(a[0:l - 1:2])
+    _scan_forward_(a[1::2], x[1::2])
+    x[2::2].addcmul_(a[2::2], x[1:l - 1:2])
 
 
 def _scan_backward_(a, x):
-    """The mirror image of _scan_forward_: x_t <- a_t * x_{t+1} + x_t (x_l = 0), in place along dim 2.
-
-    Pairs are counted from the end, (l-2, l-1), (l-4, l-3), ...; with odd l position 0 is unpaired.
-    """
-    l = x.shape[2]
+    """The mirror image of _scan_forward_: x_t <- a_t * x_{t+1} + x_t, with x_l = 0, in place along dim 0.
+    Pairs are counted from the end, (l-2, l-1), (l-4, l-3), ...; with odd l the unpaired element is x_0."""
+    l = x.shape[0]
     if l < 2:
         return
-    s = l % 2                                                        # first position of the first pair
-    x[:, :, s::2].addcmul_(a[:, :, s::2], x[:, :, s + 1::2])
-    a[:, :, s::2].mul_(a[:, :, s + 1::2])
-    _scan_backward_(a[:, :, s::2], x[:, :, s::2])
-    x[:, :, 1 - s:l - 1:2].addcmul_(a[:, :, 1 - s:l - 1:2], x[:, :, 2 - s::2])
+    s = l % 2                                                        # where the first pair starts
+    x[s::2].addcmul_(a[s::2], x[s + 1::2])
+    a[s::2].mul_(a[s + 1::2])
+    _scan_backward_(a[s::2], x[s::2])
+    x[1 - s:l - 1:2].addcmul_(a[1 - s:l - 1:2], x[2 - s::2])
 
 
-# Channels per block are chosen so that one (b, c, l, n) float32 tensor is about 4 MB: the handful of them that a
+# Channels per block are chosen so that one (l, b, c, n) float32 tensor is about 4 MB: the handful of them that a
 # block needs stay in the CPU's cache and are reused by the allocator, instead of faulting in fresh pages.
 _BLOCK_ELEMENTS = 2 ** 20
 
@@ -144,71 +147,74 @@ def _channel_blocks(b, d, l, n):
     return [slice(i, min(i + c, d)) for i in range(0, d, c)]
 
 
-def _block_states(u, delta, A, Bt, h0):
-    """All states h_t of one channel block, and A-bar: the recurrence of Eq. (2a) solved by _scan_forward_."""
-    dA = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))              # (b, c, l, n)   A-bar, Eq. (4)
-    h = (delta * u).unsqueeze(-1) * Bt.unsqueeze(1)                   # (b, c, l, n)   B-bar u
-    h[:, :, 0].addcmul_(dA[:, :, 0], h0)                              # the carried-in state enters at t = 0
+def _block_states(u, delta, A, B, h0):
+    """All states h_t of one block of channels, and A-bar: Eq. (2a) solved by _scan_forward_.
+    u, delta (l, b, c);  A (c, n);  B (l, b, n);  h0 (b, c, n)  ->  h, dA (l, b, c, n)."""
+    dA = torch.exp(delta.unsqueeze(-1) * A)                           # (l, b, c, n)   A-bar, Eq. (4)
+    h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)                    # (l, b, c, n)   B-bar u
+    h[0].addcmul_(dA[0], h0)                                          # the carried-in state enters at t = 0
     _scan_forward_(dA.clone(), h)
     return h, dA
 
 
 class _ParallelSelectiveScan(torch.autograd.Function):
-    """y_t = C_t . h_t and h_l for h_t = A-bar_t h_{t-1} + B-bar_t u_t, in blocks of channels, states recomputed
-    in backward. Inputs are already in the compute dtype, delta already biased and softplus-ed."""
+    """y_t = C_t . h_t and h_l for h_t = A-bar_t h_{t-1} + B-bar_t u_t, in blocks of channels, the states
+    recomputed in backward. Inputs are in the compute dtype, delta already biased and softplus-ed.
+    Inside, tensors are time-major, (l, b, ...), so that each time step the scan touches is one contiguous slab."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
         b, d, l = u.shape
         n = A.shape[1]
-        Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                # (b, l, n)
-        y = u.new_empty(b, d, l)                                      # (b, d, l)
+        u, delta = u.permute(2, 0, 1).contiguous(), delta.permute(2, 0, 1).contiguous()   # (l, b, d)
+        B, C = B.permute(2, 0, 1).contiguous(), C.permute(2, 0, 1).contiguous()           # (l, b, n)
+        y = u.new_empty(l, b, d)                                      # (l, b, d)
         last_state = u.new_empty(b, d, n)                             # (b, d, n)
         for ch in _channel_blocks(b, d, l, n):
-            h, _ = _block_states(u[:, ch], delta[:, ch], A[ch], Bt, h0[:, ch])   # (b, c, l, n)
-            last_state[:, ch] = h[:, :, -1]
-            y[:, ch] = torch.linalg.vecdot(h, Ct.unsqueeze(1))         # (b, c, l)      Eq. (2b)
+            h, _ = _block_states(u[:, :, ch], delta[:, :, ch], A[ch], B, h0[:, ch])   # (l, b, c, n)
+            last_state[:, ch] = h[-1]
+            y[:, :, ch] = torch.linalg.vecdot(h, C.unsqueeze(2))      # (l, b, c)      Eq. (2b)
         ctx.save_for_backward(u, delta, A, B, C, h0)
-        return y, last_state
+        return y.permute(1, 2, 0), last_state                         # (b, d, l), (b, d, n)
 
     @staticmethod
     def backward(ctx, grad_y, grad_last_state):
         """Backpropagation through a linear recurrence is the same recurrence run backwards in time:
-            g_t = dL/dh_t (total) = C_t grad_y_t + A-bar_{t+1} g_{t+1},   with g_l-1 also receiving grad_last_state.
-        Then dL/d(B-bar u)_t = g_t and dL/d(A-bar)_t = g_t h_{t-1}, from which the chain rule gives the rest."""
-        u, delta, A, B, C, h0 = ctx.saved_tensors
-        b, d, l = u.shape
+            g_t = dL/dh_t = C_t grad_y_t + A-bar_{t+1} g_{t+1}    (g_{l-1} also receives grad_last_state)
+        and then dL/d(B-bar u)_t = g_t and dL/d(A-bar)_t = g_t h_{t-1}; the chain rule gives the rest."""
+        u, delta, A, B, C, h0 = ctx.saved_tensors                     # (l, b, d), (d, n), (l, b, n), (b, d, n)
+        l, b, d = u.shape
         n = A.shape[1]
-        Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                # (b, l, n)
-        grad_y = grad_y.contiguous()
-        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)   # (b, d, l)
+        grad_y = grad_y.permute(2, 0, 1).contiguous()                # (l, b, d)
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)   # (l, b, d)
         grad_A, grad_h0 = torch.empty_like(A), torch.empty_like(h0)         # (d, n), (b, d, n)
-        grad_Bt, grad_Ct = torch.zeros_like(Bt), torch.zeros_like(Ct)       # (b, l, n)
+        grad_B, grad_C = torch.zeros_like(B), torch.zeros_like(C)           # (l, b, n)
         for ch in _channel_blocks(b, d, l, n):
-            u_c, delta_c, A_c, gy_c = u[:, ch], delta[:, ch], A[ch], grad_y[:, ch]  # (b, c, l), (c, n)
-            h, dA = _block_states(u_c, delta_c, A_c, Bt, h0[:, ch])   # (b, c, l, n)   recomputed, not stored
+            u_c, delta_c, A_c, gy_c = u[:, :, ch], delta[:, :, ch], A[ch], grad_y[:, :, ch]   # (l, b, c), (c, n)
+            h, dA = _block_states(u_c, delta_c, A_c, B, h0[:, ch])    # (l, b, c, n)   recomputed, not stored
 
-            g = gy_c.unsqueeze(-1) * Ct.unsqueeze(1)                  # (b, c, l, n)   direct part of dL/dh_t
+            g = gy_c.unsqueeze(-1) * C.unsqueeze(2)                   # (l, b, c, n)   the direct part of dL/dh_t
             if grad_last_state is not None:
-                g[:, :, -1] += grad_last_state[:, ch]
-            dA_next = torch.empty_like(dA)                            # (b, c, l, n)   A-bar_{t+1}, 0 past the end
-            dA_next[:, :, :-1] = dA[:, :, 1:]
-            dA_next[:, :, -1] = 0
-            _scan_backward_(dA_next, g)                               # g_t = ... + A-bar_{t+1} g_{t+1}
+                g[-1] += grad_last_state[:, ch]
+            dA_next = torch.empty_like(dA)                            # (l, b, c, n)   A-bar_{t+1}, 0 past the end
+            dA_next[:-1] = dA[1:]
+            dA_next[-1] = 0
+            _scan_backward_(dA_next, g)                               # g_t += A-bar_{t+1} g_{t+1}
 
-            grad_h0[:, ch] = g[:, :, 0] * dA[:, :, 0]
-            grad_dA_log = dA_next                                     # reuse the buffer: dL/d(delta A) below
-            grad_dA_log[:, :, 1:] = h[:, :, :-1]
-            grad_dA_log[:, :, 0] = h0[:, ch]                          # h_{t-1}
-            grad_dA_log.mul_(g).mul_(dA)                              # (b, c, l, n)   g_t h_{t-1} A-bar_t
-            grad_Ct += h.mul_(gy_c.unsqueeze(-1)).sum(1)              # last use of h, so in place
+            grad_h0[:, ch] = g[0] * dA[0]
+            grad_dA_log = dA_next                                     # reuse the buffer for dL/d(delta A):
+            grad_dA_log[1:] = h[:-1]
+            grad_dA_log[0] = h0[:, ch]                                # h_{t-1}
+            grad_dA_log.mul_(g).mul_(dA)                              # (l, b, c, n)   g_t h_{t-1} A-bar_t
+            grad_C += h.mul_(gy_c.unsqueeze(-1)).sum(2)               # (l, b, n)      last use of h: in place
 
-            g_B = torch.linalg.vecdot(g, Bt.unsqueeze(1))             # (b, c, l)      sum_n g_t B_t
-            grad_u[:, ch] = g_B * delta_c
-            grad_delta[:, ch] = g_B * u_c + torch.linalg.vecdot(grad_dA_log, A_c.unsqueeze(1))
-            grad_A[ch] = (grad_dA_log * delta_c.unsqueeze(-1)).sum((0, 2))
-            grad_Bt += g.mul_((delta_c * u_c).unsqueeze(-1)).sum(1)   # last use of g
-        return grad_u, grad_delta, grad_A, grad_Bt.transpose(1, 2), grad_Ct.transpose(1, 2), grad_h0
+            g_B = torch.linalg.vecdot(g, B.unsqueeze(2))              # (l, b, c)      sum_n g_t B_t
+            grad_u[:, :, ch] = g_B * delta_c
+            grad_delta[:, :, ch] = g_B * u_c + torch.linalg.vecdot(grad_dA_log, A_c)
+            grad_A[ch] = (grad_dA_log * delta_c.unsqueeze(-1)).sum((0, 1))
+            grad_B += g.mul_((delta_c * u_c).unsqueeze(-1)).sum(2)    # (l, b, n)      last use of g: in place
+        return (grad_u.permute(1, 2, 0), grad_delta.permute(1, 2, 0), grad_A, grad_B.permute(1, 2, 0),
+                grad_C.permute(1, 2, 0), grad_h0)
 
 
 def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -218,14 +224,14 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     The algorithm, in the spirit of [Mamba] Section 3.3.2 (kernel fusion and recomputation), with the CPU cache
     playing the role of the GPU's SRAM:
       1. Channels are independent, so they are processed in blocks of c channels small enough that the block's
-         (b, c, l, n) tensors stay in cache. The full (b, d, l, n) state tensor is never materialised.
+         (l, b, c, n) tensors stay in cache. The full (b, d, l, n) state tensor is never materialised.
       2. Within a block: discretise (A-bar = exp(delta A), B-bar u = delta B u), solve the linear recurrence
-         h_t = A-bar_t h_{t-1} + B-bar_t u_t with an in-place odd-even parallel scan (_scan_forward_: log2(l) levels
-         of strided elementwise ops, O(l) work), then contract with C.
+         h_t = A-bar_t h_{t-1} + B-bar_t u_t with an in-place odd-even parallel scan over time (_scan_forward_:
+         log2(l) levels of elementwise ops on every other time step, O(l) work), then contract with C.
       3. Backward recomputes each block's states instead of storing them, and runs the same scan backwards in
          time for the gradient (_ParallelSelectiveScan.backward), so memory is O(b d l), not O(b d l n).
-    Every product in the scan is of factors in [0, 1] (A-bar) or of finite terms, so large delta and very
-    negative A underflow to zero and never overflow.
+    Every factor the scan multiplies is an A-bar in [0, 1] or a finite input, so large delta and very negative A
+    underflow to zero and never overflow.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
