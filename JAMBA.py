@@ -19,7 +19,7 @@ Glossary: the letters used in every shape comment.
   h  attention heads (nhead)        e  head size, m // h
   s  cache slots, max_seq_length    c  a block of channels inside the parallel scan
 Paper symbols: Delta (here `delta`), A, B, C, D as in [Mamba] Section 2 and Algorithm 2; `dA` is
-A-bar = exp(Delta A) and `dBu` is B-bar x = Delta B x, both of Eq. (4).
+A-bar = exp(Delta A) and `dBu` is B-bar u = Delta B u, both of Eq. (4).
 """
 
 import math

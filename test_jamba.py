@@ -1,13 +1,20 @@
 """The specification of JAMBA.py: property tests (hypothesis) and unit tests (pytest)."""
 
+import hashlib
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from JAMBA import (MLP, AttentionBlock, Jamba, MambaBlock, layer_schedule, selective_scan_parallel,
+import train_tiny
+from JAMBA import (MLP, AttentionBlock, Jamba, MambaBlock, _rotary, layer_schedule, selective_scan_parallel,
                    selective_scan_sequential)
 
 settings.register_profile("jamba", deadline=None, max_examples=40, derandomize=True)
@@ -208,7 +215,6 @@ def test_attention_step_equals_forward_and_rotary_is_relative():
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
     # Rotary makes attention scores depend on relative positions only: shifting everything changes nothing.
     q, k = torch.randn(1, 1, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
-    from JAMBA import _rotary
     scores = _rotary(q, 0) @ _rotary(k, 0).transpose(-1, -2)
     shifted = _rotary(q, 100) @ _rotary(k, 100).transpose(-1, -2)
     torch.testing.assert_close(scores, shifted)
@@ -385,3 +391,162 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1 * math.log(11), loss.item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_tiny.py, end to end
+# ---------------------------------------------------------------------------------------------------------------
+
+TRAIN_SCRIPT = str(Path(__file__).with_name("train_tiny.py"))
+TINY_FLAGS = ["--device", "cpu", "--d_model", "16", "--num_mamba_layers", "1", "--num_transformer_layers", "1",
+              "--nhead", "2", "--dim_feedforward", "32", "--max_seq_length", "32", "--d_state", "4",
+              "--batch-size", "4", "--block-size", "16", "--eval-iters", "2", "--eval-interval", "10",
+              "--warmup-iters", "5", "--max-new-tokens", "20"]
+
+
+def train(out, corpus, *extra, check=True):
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--data", str(corpus), "--out", str(out),
+                             *TINY_FLAGS, *extra], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    words = ["the", "mamba", "attends", "to", "state", "and", "scan", "jamba", "layer", "token"]
+    rng = torch.Generator().manual_seed(0)
+    text = "\n".join(" ".join(words[i] for i in torch.randint(0, 10, (8,), generator=rng).tolist())
+                     for _ in range(300))
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, corpus):
+    """An uninterrupted run of 60 steps."""
+    out = tmp_path_factory.mktemp("full")
+    result = train(out, corpus, "--max-iters", "60")
+    return out, result
+
+
+def test_training_writes_a_complete_checkpoint_and_a_sample(full_run, corpus):
+    out, result = full_run
+    assert "layer_pattern=MA" in result.stdout and "parameters" in result.stdout
+    assert "done: 60 steps" in result.stdout and "--- sample" in result.stdout
+    assert "bpc" in result.stderr + result.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 60 and [h["step"] for h in ckpt["history"]] == [10, 20, 30, 40, 50, 60]
+    assert ckpt["vocab"] == "".join(sorted(set(corpus.read_text())))
+    assert ckpt["data"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert {"torch", "batches"} <= set(ckpt["rng"]) and ckpt["optimizer"]["state"]
+    assert ckpt["history"][-1]["val"] < ckpt["history"][0]["val"] < math.log(len(ckpt["vocab"])) + 0.5
+    model = Jamba(**ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    assert not list(out.glob(".ckpt-*")), "a temporary checkpoint file was left behind"
+
+
+def test_interrupted_run_resumes_exactly(full_run, corpus, tmp_path):
+    """Ctrl-C at an arbitrary step, then the same command with --resume: the uninterrupted run's end state."""
+    process = subprocess.Popen([sys.executable, TRAIN_SCRIPT, "--data", str(corpus), "--out", str(tmp_path),
+                                *TINY_FLAGS, "--max-iters", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "ckpt.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and "rerun the same command with --resume" in stdout
+    interrupted_at = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    assert 10 <= interrupted_at < 60
+
+    resumed = train(tmp_path, corpus, "--max-iters", "60", "--resume")
+    assert f"resuming at step {interrupted_at} of 60" in resumed.stdout
+    expected = torch.load(full_run[0] / "ckpt.pt", weights_only=False)
+    actual = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for key, value in expected["model"].items():
+        assert torch.equal(actual["model"][key], value), key
+    for index, state in expected["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(actual["optimizer"]["state"][index][key], value), (index, key)
+    strip = [(h["step"], h["train"], h["val"]) for h in expected["history"]]
+    assert [(h["step"], h["train"], h["val"]) for h in actual["history"]] == strip
+
+
+def test_sample_from_checkpoint(full_run):
+    out, _ = full_run
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
+                             "--max-new-tokens", "40", "--device", "cpu"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the ") and "chars/s" in result.stdout
+    assert len(result.stdout.split("\n\n[")[0]) == 44
+
+
+def test_bad_input_gets_one_line_and_overwrites_nothing(full_run, corpus, tmp_path, capsys):
+    out, _ = full_run
+    before = file_digest(out / "ckpt.pt")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "short.txt").write_text("tiny corpus")
+    (tmp_path / "other.txt").write_text(corpus.read_text().replace("jamba", "JAMBA"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    common = ["--out", str(out), *TINY_FLAGS]
+    cases = [
+        (["--data", str(tmp_path / "missing.txt"), *common], "no such file"),
+        (["--data", str(tmp_path / "empty.txt"), *common], "the corpus is empty"),
+        (["--data", str(tmp_path / "binary.bin"), *common], "looks binary"),
+        (["--data", str(tmp_path / "short.txt"), *common], "the corpus is too short"),
+        (["--data", str(corpus), *common, "--block-size", "64"], "is over the model's --max_seq_length 32"),
+        (["--data", str(corpus), *TINY_FLAGS, "--out", str(corrupt), "--resume"], "not a readable checkpoint"),
+        (["--data", str(tmp_path / "other.txt"), *common, "--resume"], "trained on other data"),
+        (["--data", str(corpus), *common, "--resume", "--d_model", "32"], "model config differs"),
+        (["--sample", "--out", str(out), "--prompt", "XYZ"], "outside the vocabulary: 'XYZ'"),
+        (["--sample", "--out", str(tmp_path / "nowhere")], "no checkpoint"),
+        (["--data", str(corpus), *common, "--device", "banana"], "not a device name"),
+        (["--data", str(corpus), *common, "--device", "mps" if torch.cuda.is_available() else "cuda"],
+         "not available on this machine"),
+    ]
+    for argv, message in cases:
+        assert train_tiny.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and err.startswith("train_tiny.py: error:"), err
+        assert file_digest(out / "ckpt.pt") == before
+    assert (corrupt / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_weight_decay_spares_A_log_D_norms_and_biases():
+    model = tiny_jamba()
+    decayed, spared = train_tiny.make_optimizer(model, 1e-3, 0.1).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    assert all(name.endswith(("A_log", "D", "bias")) or "norm" in name for name in spared_names)
+    assert any(name.endswith("A_log") for name in spared_names) and any(name.endswith(".D") for name in spared_names)
+    assert all(p.dim() >= 2 for p in decayed["params"])
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    args = train_tiny.parse_args(["--lr", "1.0", "--warmup-iters", "10", "--max-iters", "110"])
+    rates = [train_tiny.learning_rate(step, args) for step in range(110)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert train_tiny.learning_rate(110, args) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmarks: each script runs in its smoke mode (tiny sizes) so that none can silently rot
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py"])
+def test_benchmark_smoke(script):
+    path = Path(__file__).with_name("benchmarks") / script
+    result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch" in result.stdout and "threads" in result.stdout   # the machine line

@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: the machine's description, medians of repeated timings, optional plotting."""
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # import JAMBA and train_tiny from the repo root
+HERE = Path(__file__).resolve().parent
+
+
+def machine():
+    """One line naming the CPU, the threads torch uses and the versions, printed above every table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")
+
+
+def median_ms(fn, repeats):
+    """Median wall time of fn() in milliseconds over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def pyplot():
+    """matplotlib's pyplot (headless), or None with a note on how to get it: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed, so no plot is written: pip install matplotlib")
+        return None
+
+
+def write_table(name, title, header, rows):
+    """Print a markdown table and write it, with the machine line, to benchmarks/NAME.md."""
+    lines = [f"# {title}", "", f"Machine: {machine()}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)] + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (HERE / f"{name}.md").write_text(text)

@@ -1,0 +1,375 @@
+"""Train a small character-level Jamba, then sample from it.
+
+    python train_tiny.py                                  # a hybrid Jamba learns to write Python, ~4 min on 2 CPU cores
+    python train_tiny.py --data input.txt                 # any UTF-8 text file instead
+    python train_tiny.py --resume                         # continue the run in --out exactly where it stopped
+    python train_tiny.py --sample --prompt "def "         # generate from the checkpoint in --out
+
+With no --data it trains on the Python standard library's own top-level modules (Lib/*.py of the running Python,
+sorted by file name, the first 2 MB): text that is on every machine with Python, so nothing is downloaded.
+Checkpoints (--out/ckpt.pt) are written atomically at every evaluation, at the end, and on Ctrl-C.
+"""
+
+import argparse
+import hashlib
+import math
+import os
+import signal
+import sys
+import sysconfig
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from JAMBA import Jamba
+
+STDLIB_CORPUS_CHARS = 2_000_000
+MODEL_ARGS = ("d_model", "num_mamba_layers", "num_transformer_layers", "nhead", "dim_feedforward",
+              "max_seq_length", "dropout", "d_state", "d_conv", "expand")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2, nothing written."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="a UTF-8 text file; default: the Python standard library's source")
+    p.add_argument("--out", default="out", help="directory for ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--sample", action="store_true", help="only generate from --out/ckpt.pt")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16 autocast; auto = bfloat16 on cuda, float32 elsewhere")
+    p.add_argument("--seed", type=int, default=1337)
+    model = p.add_argument_group("model (named as in the Jamba constructor)")
+    model.add_argument("--d_model", "--d-model", type=int, default=128)
+    model.add_argument("--num_mamba_layers", "--num-mamba-layers", type=int, default=3)
+    model.add_argument("--num_transformer_layers", "--num-transformer-layers", type=int, default=1)
+    model.add_argument("--nhead", type=int, default=4)
+    model.add_argument("--dim_feedforward", "--dim-feedforward", type=int, default=256)
+    model.add_argument("--max_seq_length", "--max-seq-length", type=int, default=256)
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--d_state", "--d-state", type=int, default=8,
+                       help="small for a CPU: the scan's cost grows with d_state * expand")
+    model.add_argument("--d_conv", "--d-conv", type=int, default=4)
+    model.add_argument("--expand", type=int, default=1)
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--block-size", type=int, default=128, help="characters per training sequence")
+    train.add_argument("--max-iters", type=int, default=1500, help="the learning-rate schedule spans these")
+    train.add_argument("--time-budget", type=float, default=None,
+                       help="stop after this many seconds of training, evaluate and save")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    train.add_argument("--warmup-iters", type=int, default=100)
+    train.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
+    train.add_argument("--eval-interval", type=int, default=250)
+    train.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
+    sample = p.add_argument_group("sampling")
+    sample.add_argument("--prompt", default="\n")
+    sample.add_argument("--max-new-tokens", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int, default=None)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0 or args.warmup_iters < 0:
+        raise UsageError("--lr must be > 0 and --weight-decay, --grad-clip, --warmup-iters >= 0")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    if args.block_size > args.max_seq_length:
+        raise UsageError(f"--block-size {args.block_size} is over the model's --max_seq_length {args.max_seq_length}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_corpus(path):
+    """(text, identity): identity names the data and holds its sha256, so a resume can check it is the same."""
+    if path is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        parts, size = [], 0
+        for file in sorted(stdlib.glob("*.py")):
+            try:
+                parts.append(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                continue
+            size += len(parts[-1])
+            if size >= STDLIB_CORPUS_CHARS:
+                break
+        text = "".join(parts)[:STDLIB_CORPUS_CHARS]
+        name = f"python-stdlib:{stdlib}"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"--data {path}: no such file")
+        raw = file.read_bytes()
+        if b"\0" in raw[:65536]:
+            raise UsageError(f"--data {path}: looks binary (holds NUL bytes); give a UTF-8 text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--data {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        name = str(file.resolve())
+    if not text:
+        raise UsageError(f"--data {path or name}: the corpus is empty")
+    return text, {"name": name, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
+
+
+def split_data(text, vocab, block_size):
+    """The corpus as ids, split 90/10 into train and validation (b, l) sources."""
+    stoi = {ch: i for i, ch in enumerate(vocab)}
+    data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
+    n_train = int(0.9 * len(data))
+    train, val = data[:n_train], data[n_train:]
+    if len(val) < block_size + 1:
+        need = math.ceil((block_size + 1) / 0.1)
+        raise UsageError(f"the corpus is too short: {len(text)} characters, need at least {need} for --block-size "
+                         f"{block_size} (10% is held out for validation)")
+    return train, val
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """Random windows of the data: x (b, l) and the next characters y (b, l)."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
+    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
+    return x.to(device), y.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, optimiser, checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}.get(device.type, False)
+    if not available:
+        raise UsageError(f"--device {name}: not available on this machine")
+    return device
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW that decays weight matrices only: never biases, norms, A_log or D (marked _no_weight_decay)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (decay if param.dim() >= 2 and not getattr(param, "_no_weight_decay", False) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+
+
+def learning_rate(step, args):
+    """Linear warm-up, then cosine decay to lr/10 at --max-iters."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same directory, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    if not path.is_file():
+        raise UsageError(f"{path}: no checkpoint (train first, or point --out at the run's directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        missing = {"config", "model", "vocab", "step"} - set(ckpt)
+    except Exception as err:
+        raise UsageError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:80]})") from None
+    if missing:
+        raise UsageError(f"{path}: not a train_tiny.py checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, args, device, autocast):
+    """Mean loss over --eval-iters batches of each split, on fixed windows (a seeded generator of its own)."""
+    model.eval()
+    losses = {}
+    for name, data in splits.items():
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        total = 0.0
+        for _ in range(args.eval_iters):
+            x, y = get_batch(data, args.batch_size, args.block_size, generator, device)
+            with autocast:
+                total += model(x, y)[1].item()
+        losses[name] = total / args.eval_iters
+    model.train()
+    return losses
+
+
+def sample_text(model, vocab, prompt, args, device):
+    stoi = {ch: i for i, ch in enumerate(vocab)}
+    unknown = sorted(set(prompt) - set(stoi))
+    if unknown:
+        raise UsageError(f"--prompt has characters outside the vocabulary: {''.join(unknown)!r}")
+    idx = torch.tensor([[stoi[ch] for ch in prompt]], dtype=torch.long, device=device)
+    model.eval()
+    start = time.perf_counter()
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    seconds = time.perf_counter() - start
+    return "".join(vocab[i] for i in out[0].tolist()), args.max_new_tokens / seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def sample_main(args, device):
+    ckpt = load_checkpoint(Path(args.out) / "ckpt.pt")
+    model = Jamba(**ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    text, chars_per_second = sample_text(model, ckpt["vocab"], args.prompt, args, device)
+    print(text)
+    print(f"\n[{args.max_new_tokens} characters at {chars_per_second:.0f} chars/s on {device}]")
+
+
+def train_main(args, device):
+    ckpt_path = Path(args.out) / "ckpt.pt"
+    text, data_identity = read_corpus(args.data)
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    vocab = "".join(sorted(set(text)))
+    config = dict(vocab_size=len(vocab), **{name: getattr(args, name) for name in MODEL_ARGS})
+    if ckpt is not None:
+        if ckpt.get("data") != data_identity:
+            raise UsageError(f"{ckpt_path} was trained on other data ({ckpt.get('data', {}).get('name')}); "
+                             "resume with the same --data")
+        if ckpt["vocab"] != vocab:
+            raise UsageError(f"{ckpt_path}: its vocabulary does not match the corpus")
+        changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+        if changed:
+            raise UsageError(f"{ckpt_path}: model config differs from this command's (checkpoint, command): "
+                             + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
+    train_data, val_data = split_data(text, vocab, args.block_size)
+
+    torch.manual_seed(args.seed)
+    batch_generator = torch.Generator().manual_seed(args.seed)
+    model = Jamba(**config).to(device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    step, history, best_val, elapsed_before = 0, [], float("inf"), 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, history, best_val, elapsed_before = ckpt["step"], ckpt["history"], ckpt["best_val_loss"], ckpt["seconds"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batch_generator.set_state(ckpt["rng"]["batches"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
+          f"{len(train_data):,} train / {len(val_data):,} val)")
+    print(f"model: Jamba layer_pattern={model.layer_pattern} ({n_params / 1e6:.2f}M parameters) on {device}, {dtype}")
+    if step:
+        print(f"resuming at step {step} of {args.max_iters} from {ckpt_path}")
+
+    def checkpoint_state():
+        return {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "vocab": vocab,
+                "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
+                "data": data_identity,
+                "args": vars(args),
+                "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+    def elapsed():
+        """Seconds of training so far, over every run of this checkpoint, evaluations included."""
+        return elapsed_before + time.perf_counter() - start
+
+    def evaluate():
+        nonlocal best_val
+        losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device, autocast)
+        best_val = min(best_val, losses["val"])
+        history.append({"step": step, "seconds": elapsed(), **losses})
+        tqdm.write(f"step {step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} bpc), "
+                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} bpc)")
+        save_checkpoint(ckpt_path, checkpoint_state())
+
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))   # stop after this step
+    start, tokens = time.perf_counter(), 0
+    model.train()
+    bar = tqdm(total=args.max_iters, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    while step < args.max_iters and not interrupted:
+        if args.time_budget is not None and elapsed() >= args.time_budget:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        x, y = get_batch(train_data, args.batch_size, args.block_size, batch_generator, device)
+        with autocast:
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens += x.numel()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if step % args.eval_interval == 0 and step < args.max_iters:
+            evaluate()
+    bar.close()
+    wall = time.perf_counter() - start
+    if interrupted:
+        save_checkpoint(ckpt_path, checkpoint_state())
+        print(f"interrupted at step {step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
+              f"rerun the same command with --resume to continue")
+        return 130
+    if not history or history[-1]["step"] != step:
+        evaluate()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
+          f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} bpc); checkpoint {ckpt_path}")
+    text, chars_per_second = sample_text(model, vocab, args.prompt if set(args.prompt) <= set(vocab) else vocab[0],
+                                         args, device)
+    print(f"--- sample ({chars_per_second:.0f} chars/s) ---\n{text}")
+    return 0
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        device = pick_device(args.device)
+        return sample_main(args, device) if args.sample else train_main(args, device)
+    except UsageError as err:
+        print(f"train_tiny.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_tiny.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
