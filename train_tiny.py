@@ -62,9 +62,10 @@ def parse_args(argv):
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--block-size", type=int, default=128, help="characters per training sequence")
-    train.add_argument("--max-iters", type=int, default=1500, help="the learning-rate schedule spans these")
+    train.add_argument("--max-iters", type=int, default=1500, help="training steps; the learning-rate schedule "
+                       "spans them (with --time-budget, set it high: the run stops at whichever comes first)")
     train.add_argument("--time-budget", type=float, default=None,
-                       help="stop after this many seconds of training, evaluate and save")
+                       help="stop after this many seconds of training (evaluations included), evaluate and save")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
     train.add_argument("--warmup-iters", type=int, default=100)
     train.add_argument("--weight-decay", type=float, default=0.1, help="on weight matrices only")
@@ -177,12 +178,15 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
-def learning_rate(step, args):
-    """Linear warm-up, then cosine decay to lr/10 at --max-iters."""
+def learning_rate(step, seconds, args):
+    """Linear warm-up over --warmup-iters steps, then cosine decay to lr/10 at the end of the run: at --max-iters,
+    or at --time-budget seconds if that comes first (so a budget run ends with a decayed learning rate too)."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
-    progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    if args.time_budget is not None:
+        progress = max(progress, seconds / args.time_budget)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def save_checkpoint(path, state):
@@ -325,7 +329,7 @@ def train_main(args, device):
         if args.time_budget is not None and elapsed() >= args.time_budget:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = learning_rate(step, elapsed(), args)
         x, y = get_batch(train_data, args.batch_size, args.block_size, batch_generator, device)
         with autocast:
             _, loss = model(x, y)

@@ -55,3 +55,14 @@ def write_table(name, title, header, rows):
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / f"{name}.md").write_text(text)
+
+
+def save_figure(fig, axes, name, title):
+    """Grid and legend on each of axes, the title with the machine line, then benchmarks/NAME.png."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title} — {machine()}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / f"{name}.png", dpi=110)
+    print(f"wrote {HERE / (name + '.png')}")

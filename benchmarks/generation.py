@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from _common import HERE, machine, pyplot, write_table
+from _common import HERE, machine, pyplot, save_figure, write_table
 from JAMBA import Jamba, layer_schedule
 
 
@@ -80,13 +80,7 @@ def main():
     ax_time.set(xlabel="context length (tokens already seen)", ylabel="ms per generated token", ylim=(0, None),
                 title="time per token")
     ax_mem.set(xlabel="context length (tokens already seen)", ylabel="MiB per sequence", title="state / cache held")
-    for ax in (ax_time, ax_mem):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Generation, d_model={d_model}, {n_layers} layers — {machine()}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(HERE / "generation.png", dpi=110)
-    print(f"wrote {HERE / 'generation.png'} and {HERE / 'generation.md'}")
+    save_figure(fig, (ax_time, ax_mem), "generation", f"Generation, d_model={d_model}, {n_layers} layers")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 
 Each variant is one run of train_tiny.py with the same corpus, budget and training flags, differing only in the
 layer mix: the hybrid is train_tiny.py's default model; the plain transformer and plain Mamba have the same
-d_model, layers and MLPs. Validation loss is measured every --eval-interval steps (the clock includes it).
+d_model, layers and MLPs. Each trains until the budget is spent, its learning-rate schedule ending there.
+Validation loss is measured every --eval-interval steps (the clock includes it).
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import HERE, machine, pyplot, write_table
+from _common import HERE, machine, pyplot, save_figure, write_table
 from JAMBA import layer_schedule
 
 VARIANTS = {"hybrid": ["--num_mamba_layers", "3", "--num_transformer_layers", "1"],
@@ -33,13 +34,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="corpus for train_tiny.py; default: its offline standard-library corpus")
     p.add_argument("--time-budget", type=float, default=180.0, help="seconds of training per variant")
-    p.add_argument("--max-iters", type=int, default=1700,
-                   help="the cosine schedule's length: about the steps the hybrid makes in 300 s on 2 cores")
     p.add_argument("--eval-interval", type=int, default=150)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no files written")
     args = p.parse_args()
     print(f"quality per budget: {args.data or 'the standard-library corpus'}, {args.time_budget:.0f} s per variant; "
           f"{machine()}")
+    corpus_name = Path(args.data).stem if args.data else "stdlib"
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in VARIANTS.items():
@@ -47,9 +47,8 @@ def main():
             command = [sys.executable, str(HERE.parent / "train_tiny.py"), "--out", str(out), "--device", "cpu",
                        *(["--data", args.data] if args.data else []), *flags]
             command += SMOKE_FLAGS if args.smoke else ["--time-budget", str(args.time_budget), "--max-iters",
-                                                       str(args.max_iters), "--eval-interval",
-                                                       str(args.eval_interval), "--eval-iters", "10",
-                                                       "--max-new-tokens", "200"]
+                                                       "1000000", "--eval-interval", str(args.eval_interval),
+                                                       "--eval-iters", "10", "--max-new-tokens", "200"]
             print("$ " + " ".join(command[1:]), flush=True)
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
@@ -57,8 +56,7 @@ def main():
             print(result.stdout.split("--- sample")[0].strip(), flush=True)
             ckpt = torch.load(out / "ckpt.pt", weights_only=False)
             model_params = sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight")   # tied
-            runs[name] = dict(ckpt=ckpt, params=model_params,
-                              sample=result.stdout.split("--- sample")[-1].split("\n", 1)[-1][:200])
+            runs[name] = dict(ckpt=ckpt, params=model_params)
     if args.smoke:
         return
     rows = []
@@ -68,7 +66,7 @@ def main():
         pattern = layer_schedule(ckpt["config"]["num_mamba_layers"], ckpt["config"]["num_transformer_layers"])
         rows.append([name, pattern, f"{run['params'] / 1e6:.2f}M", ckpt["step"], f"{tokens:,}",
                      f"{ckpt['seconds']:.0f}", f"{best:.4f}", f"{best / math.log(2):.3f}"])
-    write_table("quality", f"Validation loss after {args.time_budget:.0f} s of training on "
+    write_table(f"quality_{corpus_name}", f"Validation loss after {args.time_budget:.0f} s of training on "
                 f"{Path(args.data).name if args.data else 'the standard-library corpus'}",
                 ["variant", "layers", "parameters", "steps", "tokens", "seconds", "best val (nats)",
                  "best val (bits/char)"], rows)
@@ -84,13 +82,7 @@ def main():
            title=f"{Path(args.data).name if args.data else 'standard-library corpus'}, "
                  f"{args.time_budget:.0f} s budget")
     ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.text(0.01, 0.01, machine(), fontsize=6)
-    fig.tight_layout()
-    stem = "quality" if not args.data else f"quality_{Path(args.data).stem}"
-    fig.savefig(HERE / f"{stem}.png", dpi=110)
-    print(f"wrote {HERE / (stem + '.png')} and {HERE / 'quality.md'}")
+    save_figure(fig, (ax,), f"quality_{corpus_name}", "Quality per budget")
 
 
 if __name__ == "__main__":

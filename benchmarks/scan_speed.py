@@ -4,8 +4,8 @@
     python benchmarks/scan_speed.py --smoke    # tiny sizes, seconds: checks that the script still runs
 
 Times are the whole selective scan (discretisation, scan, C contraction, D skip, z gate), forward and forward +
-backward, median of --repeats runs, both scans timed side by side in this one process. Peak memory is the growth
-of the process's peak resident set during one forward + backward, measured in a fresh subprocess per cell.
+backward, median of --repeats runs, both scans timed side by side in this one process. Peak memory is how far one
+forward + backward raises the resident set above the inputs, measured in a fresh process per cell (Linux only).
 """
 
 import argparse
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from _common import HERE, machine, median_ms, pyplot, write_table
+from _common import HERE, machine, median_ms, pyplot, save_figure, write_table
 from JAMBA import selective_scan_parallel, selective_scan_sequential
 
 SCANS = {"sequential": selective_scan_sequential, "parallel": selective_scan_parallel}
@@ -34,13 +34,21 @@ def forward_backward(scan, x):
     scan(**x, delta_softplus=True).sum().backward()
 
 
+MEASURE_PEAK = """
+import scan_speed as s
+status = lambda field: next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
+x = {k: v.requires_grad_() for k, v in s.inputs(*ARGS).items()}
+open('/proc/self/clear_refs', 'w').write('5')   # reset this process's peak resident set (VmHWM) to now
+before = status('VmRSS:')
+s.SCANS[NAME](**x, delta_softplus=True).sum().backward()
+print((status('VmHWM:') - before) / 1024)
+"""
+
+
 def peak_memory_mb(scan_name, b, d, n, l):
-    """Run one forward + backward in a fresh process; return how far it raised the peak resident set (MB)."""
-    code = ("import resource, scan_speed as s; "
-            f"x = s.inputs({b}, {d}, {n}, {l}); x = {{k: v.requires_grad_() for k, v in x.items()}}; "
-            "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 1024; "
-            f"s.SCANS[{scan_name!r}](**x, delta_softplus=True).sum().backward(); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    """How far one forward + backward raises the resident set above what the inputs already hold (MB), measured in
+    a fresh process (Linux /proc) so that nothing the benchmark did before counts."""
+    code = MEASURE_PEAK.replace("ARGS", repr((b, d, n, l))).replace("NAME", repr(scan_name))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=HERE)
     return float(out.stdout.strip())
 
@@ -85,13 +93,7 @@ def main():
         ax_mem.loglog(lengths, [r[f"{name}_mb"] for r in results], style, label=name)
     ax_time.set(xlabel="sequence length l", ylabel="milliseconds (median)", title="time")
     ax_mem.set(xlabel="sequence length l", ylabel="MB", title="peak memory of forward + backward")
-    for ax in (ax_time, ax_mem):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Selective scan, b={b} d={d} n={n} float32 — {machine()}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(HERE / "scan_speed.png", dpi=110)
-    print(f"wrote {HERE / 'scan_speed.png'} and {HERE / 'scan_speed.md'}")
+    save_figure(fig, (ax_time, ax_mem), "scan_speed", f"Selective scan, b={b} d={d} n={n} float32")
 
 
 if __name__ == "__main__":
