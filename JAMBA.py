@@ -275,7 +275,7 @@ class MambaBlock(nn.Module):
       A_log    (d, n) = log(1..n) for every channel ("S4D-real"); A = -exp(A_log) stays negative, so |A-bar| < 1
       D        (d,) = 1, the skip connection
       out_proj (no bias)  d -> m
-    dt_layernorm, b_layernorm, c_layernorm: [Jamba] Section 6.3 found Mamba layers at scale need RMSNorms on the
+    dt_layernorm, b_layernorm, c_layernorm: [Jamba] Section 6.4 found Mamba layers at scale need RMSNorms on the
     x_proj split (dt, B, C) before it is used; named as in the public Jamba implementation.
     scan: "parallel" (selective_scan_parallel) or "sequential" (the readable reference loop).
     """
@@ -379,7 +379,7 @@ def _rotary(x, start):
 class AttentionBlock(nn.Module):
     """Causal multi-head self-attention through F.scaled_dot_product_attention, with a key/value cache.
 
-    rotary: [Jamba] Section 6.4 found no positional encoding is needed when Mamba layers come first (they carry
+    rotary: [Jamba] Section 6.5 found no positional encoding is needed when Mamba layers come first (they carry
     position implicitly); an attention layer with no Mamba layer before it gets rotary embeddings instead.
     The cache holds max_seq_length slots per head; generation past that keeps the most recent max_seq_length
     keys and values (a sliding window over a ring buffer).
