@@ -265,11 +265,9 @@ def train_main(args, device):
     vocab = "".join(sorted(set(text)))
     config = dict(vocab_size=len(vocab), **{name: getattr(args, name) for name in MODEL_ARGS})
     if ckpt is not None:
-        if ckpt.get("data") != data_identity:
+        if ckpt.get("data", {}).get("sha256") != data_identity["sha256"]:   # the same text also means the same vocab
             raise UsageError(f"{ckpt_path} was trained on other data ({ckpt.get('data', {}).get('name')}); "
                              "resume with the same --data")
-        if ckpt["vocab"] != vocab:
-            raise UsageError(f"{ckpt_path}: its vocabulary does not match the corpus")
         changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
         if changed:
             raise UsageError(f"{ckpt_path}: model config differs from this command's (checkpoint, command): "

@@ -82,6 +82,8 @@ def main():
            title=f"{Path(args.data).name if args.data else 'standard-library corpus'}, "
                  f"{args.time_budget:.0f} s budget")
     ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.secondary_yaxis("right", functions=(lambda nats: nats / math.log(2), lambda bits: bits * math.log(2))
+                       ).set_ylabel("bits per character")
     save_figure(fig, (ax,), f"quality_{corpus_name}", "Quality per budget")
 
 
