@@ -84,12 +84,13 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     b, d, l = u.shape
     n = A.shape[1]
 
-    dA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A))           # (b, l, d, n)   A-bar, Eq. (4)
-    dBu = torch.einsum("bdl,bnl,bdl->bldn", delta, B, u)              # (b, l, d, n)   B-bar u (Euler for B)
     h = u.new_zeros(b, d, n) if initial_state is None else initial_state.to(compute)   # (b, d, n)
     ys = []
-    # unbind, not dA[:, t]: indexing a big tensor makes autograd build a full-size gradient per step (quadratic).
-    for dA_t, dBu_t, C_t in zip(dA.unbind(1), dBu.unbind(1), C.unbind(2)):
+    # One time step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size gradient per
+    # step (quadratic); unbind's backward stacks the small per-step gradients once.
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(2), u.unbind(2), B.unbind(2), C.unbind(2)):  # (b, d), (b, n)
+        dA_t = torch.exp(delta_t.unsqueeze(-1) * A)                   # (b, d, n)      A-bar_t, Eq. (4)
+        dBu_t = (delta_t * u_t).unsqueeze(-1) * B_t.unsqueeze(1)      # (b, d, n)      B-bar_t u_t (Euler for B)
         h = dA_t * h + dBu_t                                          # (b, d, n)      Eq. (2a)
         ys.append(torch.einsum("bdn,bn->bd", h, C_t))                 # (b, d)         Eq. (2b)
     y = torch.stack(ys, dim=2)                                        # (b, d, l)

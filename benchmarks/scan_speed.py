@@ -56,7 +56,7 @@ def peak_memory_mb(scan_name, b, d, n, l):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat, no files written")
     args = p.parse_args()
     b, d, n = (2, 8, 4) if args.smoke else (4, 256, 16)
