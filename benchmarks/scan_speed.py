@@ -4,7 +4,7 @@
     python benchmarks/scan_speed.py --smoke    # tiny sizes, seconds: checks that the script still runs
 
 Times are the whole selective scan (discretisation, scan, C contraction, D skip, z gate), forward and forward +
-backward, median of --repeats runs, both scans timed side by side in this one process. Peak memory is how far one
+backward, median of --repeats runs, both scans timed side by side in one fresh process per length. Peak memory is how far one
 forward + backward raises the resident set above the inputs, measured in a fresh process per cell (Linux only).
 """
 
@@ -53,23 +53,37 @@ def peak_memory_mb(scan_name, b, d, n, l):
     return float(out.stdout.strip())
 
 
+def time_both_scans(b, d, n, l, repeats):
+    """Median forward and forward + backward times of both scans, side by side in this one process."""
+    x = inputs(b, d, n, l)
+    row = {"l": l}
+    for name, scan in SCANS.items():
+        with torch.no_grad():
+            row[f"{name}_fwd"] = median_ms(lambda: scan(**x, delta_softplus=True), repeats)
+        row[f"{name}_fwdbwd"] = median_ms(lambda: forward_backward(scan, x), repeats)
+    return row
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat, no files written")
+    p.add_argument("--time-one", type=int, metavar="L", help=argparse.SUPPRESS)   # one length, in a child process
     args = p.parse_args()
     b, d, n = (2, 8, 4) if args.smoke else (4, 256, 16)
     lengths, repeats = ([8, 33] if args.smoke else args.lengths), (1 if args.smoke else args.repeats)
+    if args.time_one:
+        print(json.dumps(time_both_scans(b, d, n, args.time_one, repeats)))
+        return
     print(f"selective scan, b={b} d={d} n={n} float32 on CPU; {machine()}")
     results = []
     for l in lengths:
-        x = inputs(b, d, n, l)
-        row = {"l": l}
-        for name, scan in SCANS.items():
-            with torch.no_grad():
-                row[f"{name}_fwd"] = median_ms(lambda: scan(**x, delta_softplus=True), repeats)
-            row[f"{name}_fwdbwd"] = median_ms(lambda: forward_backward(scan, x), repeats)
+        # Each length in a fresh process, so that what the allocator kept from other sizes does not count.
+        command = [sys.executable, __file__, "--time-one", str(l), "--repeats", str(repeats)]
+        row = json.loads(subprocess.run(command + (["--smoke"] if args.smoke else []), capture_output=True,
+                                        text=True, check=True).stdout)
+        for name in SCANS:
             row[f"{name}_mb"] = peak_memory_mb(name, b, d, n, l)
         results.append(row)
         print(json.dumps({k: round(v, 1) for k, v in row.items()}), flush=True)
