@@ -344,7 +344,7 @@ class MambaBlock(nn.Module):
         out = self.out_proj(y.transpose(1, 2))                                  # (b, l, m)
         if not return_state:
             return out
-        conv_state = F.pad(x_in, (self.d_conv - l, 0))                          # (b, d, k)  crops, or zero-pads if l < k
+        conv_state = F.pad(x_in, (self.d_conv - l, 0))                          # (b, d, k)  crops; pads if l < k
         return out, (conv_state, ssm_state)
 
     def step(self, x, state):
@@ -579,8 +579,8 @@ class Jamba(nn.Module):
         self._check_idx(idx)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
-                raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got "
-                                 f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
         logits = self._trunk(idx, return_state=False)
         if targets is None:
             return logits, None

@@ -65,8 +65,8 @@ def main():
         return
     names = list(variants(n_layers))
     header = ["context"] + [f"{n} ms/token" for n in names] + [f"{n} state MiB" for n in names]
-    rows = [[c] + [f"{1e3 * results[n, c][0]:.2f}" for n in names] + [f"{results[n, c][1] / 2 ** 20:.2f}" for n in names]
-            for c in contexts]
+    rows = [[c] + [f"{1e3 * results[n, c][0]:.2f}" for n in names]
+            + [f"{results[n, c][1] / 2 ** 20:.2f}" for n in names] for c in contexts]
     write_table("generation", f"Generation cost per token, d_model={d_model}, {n_layers} layers "
                 f"(hybrid {layer_schedule(*variants(n_layers)['hybrid'])}), batch 1, "
                 f"float32, CPU, median of {new_tokens} steps", header, rows)

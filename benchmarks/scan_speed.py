@@ -4,8 +4,8 @@
     python benchmarks/scan_speed.py --smoke    # tiny sizes, seconds: checks that the script still runs
 
 Times are the whole selective scan (discretisation, scan, C contraction, D skip, z gate), forward and forward +
-backward, median of --repeats runs, both scans timed side by side in one fresh process per length. Peak memory is how far one
-forward + backward raises the resident set above the inputs, measured in a fresh process per cell (Linux only).
+backward, median of --repeats runs, both scans timed side by side in one fresh process per length. Peak memory is
+how far one forward + backward raises the resident set above the inputs, in a fresh process per cell (Linux only).
 """
 
 import argparse
