@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from _common import HERE, machine, pyplot, save_figure, write_table
+from _common import machine, pyplot, save_figure, write_table
 from JAMBA import Jamba, layer_schedule
 
 
