@@ -82,7 +82,8 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     if delta_softplus:
         delta = F.softplus(delta)
 
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(compute)   # (b, d, n)
+    b, d, n = u.shape[0], u.shape[1], A.shape[1]
+    h = u.new_zeros(b, d, n) if initial_state is None else initial_state.to(compute)   # (b, d, n)
     ys = []
     # One time step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size gradient per
     # step (quadratic); unbind's backward stacks the small per-step gradients once.
