@@ -59,6 +59,27 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
         raise ValueError("u must hold at least one time step (l >= 1), got l = 0")
 
 
+def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Both scans' common start: upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
+    delta = softplus(delta + delta_bias) as the reference does."""
+    compute = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta, A, B, C
+
+
+def _scan_output(y, u, D, z, dtype_in):
+    """Both scans' common end: the skip connection D u of Algorithm 2 and the gate silu(z) of Figure 3."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype_in)
+
+
 def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               return_last_state=False, initial_state=None):
     """The selective scan as a loop over time: [Mamba] Algorithm 2 and Eq. (2a, 2b) with the ZOH of Eq. (4).
@@ -75,15 +96,10 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
-    compute = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
 
     b, d, n = u.shape[0], u.shape[1], A.shape[1]
-    h = u.new_zeros(b, d, n) if initial_state is None else initial_state.to(compute)   # (b, d, n)
+    h = u.new_zeros(b, d, n) if initial_state is None else initial_state.to(u.dtype)   # (b, d, n)
     ys = []
     # One time step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size gradient per
     # step (quadratic); unbind's backward stacks the small per-step gradients once.
@@ -93,11 +109,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         h = dA_t * h + dBu_t                                          # (b, d, n)      Eq. (2a)
         ys.append(torch.einsum("bdn,bn->bd", h, C_t))                 # (b, d)         Eq. (2b)
     y = torch.stack(ys, dim=2)                                        # (b, d, l)
-    if D is not None:
-        y = y + D.to(compute)[:, None] * u                            # skip connection, D of Algorithm 2
-    if z is not None:
-        y = y * F.silu(z.to(compute))                                 # the gate of Figure 3
-    out = y.to(dtype_in)
+    out = _scan_output(y, u, D, z, dtype_in)                          # (b, d, l)      + D u, * silu(z)
     return (out, h) if return_last_state else out
 
 
@@ -235,20 +247,10 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
-    compute = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A, B, C = (x.to(compute).contiguous() for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    if initial_state is None:
-        initial_state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    y, last_state = _ParallelSelectiveScan.apply(u, delta, A, B, C, initial_state.to(compute).contiguous())
-    if D is not None:
-        y = y + D.to(compute)[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    out = y.to(dtype_in)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(u.dtype)
+    y, last_state = _ParallelSelectiveScan.apply(u, delta, A, B, C, h0)   # (b, d, l), (b, d, n)
+    out = _scan_output(y, u, D, z, dtype_in)
     return (out, last_state) if return_last_state else out
 
 
