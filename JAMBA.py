@@ -6,10 +6,12 @@ References, open them beside this file:
   [Jamba] Lieber et al., "Jamba: A Hybrid Transformer-Mamba Language Model", arXiv 2403.19887.
   The Mamba reference code (state-spaces/mamba): selective_scan_ref and mamba_simple.Mamba, whose argument
   layouts, parameter names and initialisation are matched here so that a reference layer's weights load as they are.
+  The public Jamba code (transformers' JambaForCausalLM): its configuration names are kept, and
+  Jamba.from_pretrained loads its checkpoints; test_jamba.py checks the logits against it.
 
 Reading order (each piece depends only on those above it):
-  selective scans (sequential, then parallel) -> MambaBlock -> AttentionBlock -> MLP -> layer schedule
-  -> Jamba model -> generation.
+  selective scans (sequential, then parallel) -> MambaBlock -> AttentionBlock -> MLP, then MixtureOfExperts
+  -> layer plan and JambaConfig -> Jamba model -> generation -> loading a released checkpoint.
 
 Glossary: the letters used in every shape comment.
   b  batch size                     l  sequence length (time)
@@ -17,12 +19,17 @@ Glossary: the letters used in every shape comment.
   n  d_state, the SSM state size    r  dt_rank, the rank of the projection that makes Delta
   k  d_conv, the causal conv width  v  vocab_size
   h  attention heads (nhead)        e  head size, m // h
-  s  cache slots, max_seq_length    c  a block of channels inside the parallel scan
+  g  key/value heads (GQA)          s  cache slots, up to max_seq_length
+  t  tokens, b * l flattened        c  a block of channels inside the parallel scan
+  E  num_experts                    K  num_experts_per_tok, the router's top-K
 Paper symbols: Delta (here `delta`), A, B, C, D as in [Mamba] Section 2 and Algorithm 2; `dA` is
 A-bar = exp(Delta A) and `dBu` is B-bar u = Delta B u, both of Eq. (4).
 """
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -277,13 +284,13 @@ class MambaBlock(nn.Module):
       A_log    (d, n) = log(1..n) for every channel ("S4D-real"); A = -exp(A_log) stays negative, so |A-bar| < 1
       D        (d,) = 1, the skip connection
       out_proj (no bias)  d -> m
-    dt_layernorm, b_layernorm, c_layernorm: [Jamba] Section 6.4 found Mamba layers at scale need RMSNorms on the
-    x_proj split (dt, B, C) before it is used; named as in the public Jamba implementation.
-    scan: "parallel" (selective_scan_parallel) or "sequential" (the readable reference loop).
+    inner_layernorms: [Jamba] Section 6.4 found that Mamba layers at scale need RMSNorms on the x_proj split (dt, B
+    and C) before it is used; they are named dt_layernorm, b_layernorm, c_layernorm as in the public Jamba code,
+    with epsilon norm_eps. scan: "parallel" (selective_scan_parallel) or "sequential" (the readable loop).
     """
 
-    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_layernorm=False,
-                 b_layernorm=False, c_layernorm=False, scan="parallel"):
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", inner_layernorms=False,
+                 norm_eps=1e-6, scan="parallel"):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             _positive_int(name, value)
@@ -294,15 +301,16 @@ class MambaBlock(nn.Module):
             raise ValueError(f"scan must be one of {sorted(_SCANS)}, got {scan!r}")
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
-        self.scan = scan
+        self.inner_layernorms, self.scan = inner_layernorms, scan
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        self.dt_layernorm = nn.RMSNorm(dt_rank, eps=1e-6) if dt_layernorm else None
-        self.b_layernorm = nn.RMSNorm(d_state, eps=1e-6) if b_layernorm else None
-        self.c_layernorm = nn.RMSNorm(d_state, eps=1e-6) if c_layernorm else None
+        if inner_layernorms:
+            self.dt_layernorm = nn.RMSNorm(dt_rank, eps=norm_eps)
+            self.b_layernorm = nn.RMSNorm(d_state, eps=norm_eps)
+            self.c_layernorm = nn.RMSNorm(d_state, eps=norm_eps)
 
         # Delta's projection: weights of the same scale as its input's, bias = softplus^-1(dt) so that the initial
         # step sizes dt = softplus(bias) cover [1e-3, 1e-1] log-uniformly, as in the reference.
@@ -321,26 +329,23 @@ class MambaBlock(nn.Module):
     def _delta_B_C(self, x):
         """The selection mechanism (Algorithm 2, lines 3-5): x (..., d) -> delta before bias (..., d), B, C (..., n)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.dt_layernorm is not None:
-            dt = self.dt_layernorm(dt)
-        if self.b_layernorm is not None:
-            B = self.b_layernorm(B)
-        if self.c_layernorm is not None:
-            C = self.c_layernorm(C)
+        if self.inner_layernorms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return dt @ self.dt_proj.weight.t(), B, C                               # bias and softplus come in the scan
 
     def forward(self, x, return_state=False):
         """x (b, l, m) -> (b, l, m); with return_state also the state step() continues from:
-        (conv_state (b, d, k), the last k inputs of the conv; ssm_state (b, d, n), h_l)."""
+        (conv_state (b, d, k), the last k inputs of the conv; ssm_state (b, d, n), h_l in the scan's compute dtype)."""
         l = x.shape[1]
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                              # (b, l, d) each
         x_in = x_in.transpose(1, 2)                                             # (b, d, l)
         x_conv = F.silu(self.conv1d(x_in)[..., :l])                             # (b, d, l)  causal: drop the tail
         delta, B, C = self._delta_B_C(x_conv.transpose(1, 2))                   # (b, l, d), (b, l, n), (b, l, n)
-        A = -torch.exp(self.A_log.float())                                      # (d, n)
+        compute = torch.promote_types(x.dtype, torch.float32)                   # the scans' compute dtype
+        A = -torch.exp(self.A_log.to(compute))                                  # (d, n)
         y, ssm_state = _SCANS[self.scan](
-            x_conv, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-            z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            x_conv, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
+            z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.to(compute), delta_softplus=True,
             return_last_state=True)                                             # (b, d, l), (b, d, n)
         out = self.out_proj(y.transpose(1, 2))                                  # (b, l, m)
         if not return_state:
@@ -350,17 +355,21 @@ class MambaBlock(nn.Module):
 
     def step(self, x, state):
         """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and
-        state = (conv_state (b, d, k), ssm_state (b, d, n)) -> (out (b, m), new state); O(1) time and memory."""
+        state = (conv_state (b, d, k), ssm_state (b, d, n)) -> (out (b, m), new state); O(1) time and memory.
+        As in the scans, the SSM runs in ssm_state's dtype (float32 when the weights are bf16)."""
         conv_state, ssm_state = state
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                              # (b, d) each
         conv_state = torch.cat([conv_state[:, :, 1:], x_in.unsqueeze(-1)], dim=-1)   # (b, d, k)  slide the window
         x_conv = F.silu(torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0]) + self.conv1d.bias)  # (b, d)
         delta, B, C = self._delta_B_C(x_conv)                                   # (b, d), (b, n), (b, n)
-        delta = F.softplus(delta + self.dt_proj.bias)                           # (b, d)
-        dA = torch.exp(delta.unsqueeze(-1) * -torch.exp(self.A_log.float()))   # (b, d, n)  A-bar, Eq. (4)
-        ssm_state = dA * ssm_state + (delta * x_conv).unsqueeze(-1) * B.unsqueeze(1)   # (b, d, n)  Eq. (2a)
-        y = torch.einsum("bdn,bn->bd", ssm_state, C) + self.D * x_conv         # (b, d)     Eq. (2b)
-        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)
+        compute = ssm_state.dtype
+        u, B, C = x_conv.to(compute), B.to(compute), C.to(compute)
+        delta = F.softplus(delta.to(compute) + self.dt_proj.bias.to(compute))   # (b, d)
+        dA = torch.exp(delta.unsqueeze(-1) * -torch.exp(self.A_log.to(compute)))    # (b, d, n)  A-bar, Eq. (4)
+        ssm_state = dA * ssm_state + (delta * u).unsqueeze(-1) * B.unsqueeze(1)     # (b, d, n)  Eq. (2a)
+        y = torch.einsum("bdn,bn->bd", ssm_state, C) + self.D.to(compute) * u      # (b, d)     Eq. (2b)
+        y = y * F.silu(z.to(compute))                                           # (b, d)
+        return self.out_proj(y.to(x.dtype)), (conv_state, ssm_state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,42 +388,66 @@ def _rotary(x, start):
 
 
 class AttentionBlock(nn.Module):
-    """Causal multi-head self-attention through F.scaled_dot_product_attention, with a key/value cache.
+    """Causal self-attention through F.scaled_dot_product_attention, with a key/value cache.
 
+    num_key_value_heads: grouped-query attention (Ainslie et al., arXiv 2305.13245), as in [Jamba] Section 2 (32
+    query heads share 8 key/value heads): the nhead query heads are split into num_key_value_heads groups and each
+    group shares one key and one value head, which shrinks the cache by nhead // num_key_value_heads. None means
+    nhead (plain multi-head attention).
     rotary: [Jamba] Section 6.5 found no positional encoding is needed when Mamba layers come first (they carry
-    position implicitly); an attention layer with no Mamba layer before it gets rotary embeddings instead.
-    The cache holds max_seq_length slots per head; generation past that keeps the most recent max_seq_length
-    keys and values (a sliding window over a ring buffer).
+    position implicitly); an attention layer with no Mamba layer before it can get rotary embeddings instead.
+    The cache starts with room for twice the prompt and doubles when it fills, up to max_seq_length slots per head;
+    generation past that keeps the most recent max_seq_length keys and values (a sliding window over a ring buffer).
     """
 
-    def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False):
+    def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False, num_key_value_heads=None):
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("nhead", nhead)
-        _positive_int("max_seq_length", max_seq_length)
+        num_key_value_heads = nhead if num_key_value_heads is None else num_key_value_heads
+        for name, value in (("d_model", d_model), ("nhead", nhead), ("max_seq_length", max_seq_length),
+                            ("num_key_value_heads", num_key_value_heads)):
+            _positive_int(name, value)
         if d_model % nhead or (rotary and (d_model // nhead) % 2):
             raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with rotary), "
                              f"got d_model={d_model}, nhead={nhead}")
+        if nhead % num_key_value_heads:
+            raise ValueError(f"nhead must be a multiple of num_key_value_heads, got nhead={nhead}, "
+                             f"num_key_value_heads={num_key_value_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.nhead, self.dropout, self.max_seq_length, self.rotary = nhead, dropout, max_seq_length, rotary
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.nhead, self.num_key_value_heads, self.head_size = nhead, num_key_value_heads, d_model // nhead
+        self.dropout, self.max_seq_length, self.rotary = dropout, max_seq_length, rotary
+        # q, k and v in one matmul (the public Jamba code has three: q_proj, k_proj, v_proj, stacked in this order).
+        self.qkv_proj = nn.Linear(d_model, (nhead + 2 * num_key_value_heads) * self.head_size, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, return_state=False):
-        """x (b, l, m) -> (b, l, m); with return_state also the cache (keys (b, h, s, e), values, tokens seen)."""
-        b, l, m = x.shape
-        q, k, v = self.qkv_proj(x).view(b, l, 3, self.nhead, m // self.nhead).permute(2, 0, 3, 1, 4)  # (b, h, l, e)
+    def _qkv(self, x, start):
+        """x (b, l, m) at positions start, start + 1, ... -> q (b, h, l, e), k and v (b, g, l, e)."""
+        b, l, _ = x.shape
+        g = self.num_key_value_heads
+        qkv = self.qkv_proj(x).view(b, l, self.nhead + 2 * g, self.head_size).transpose(1, 2)  # (b, h + 2g, l, e)
+        q, k, v = qkv.split([self.nhead, g, g], dim=1)
         if self.rotary:
-            q, k = _rotary(q, 0), _rotary(k, 0)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)                      # (b, h, l, e)
+            q, k = _rotary(q, start), _rotary(k, start)
+        return q, k, v
+
+    def _attend(self, q, k, v, **kwargs):
+        """Every query head attends with the key/value head of its group: (b, h, l, e), (b, g, s, e) -> (b, h, l, e)."""
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_key_value_heads != self.nhead, **kwargs)
+
+    def forward(self, x, return_state=False):
+        """x (b, l, m) -> (b, l, m); with return_state also the cache (keys (b, g, s, e), values, tokens seen)."""
+        b, l, m = x.shape
+        q, k, v = self._qkv(x, 0)                                               # (b, h, l, e), (b, g, l, e)
+        y = self._attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)  # (b, h, l, e)
         out = self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(b, l, m)))   # (b, l, m)
         if not return_state:
             return out
-        keys = k.new_zeros(b, self.nhead, self.max_seq_length, m // self.nhead)  # (b, h, s, e)
-        values = torch.zeros_like(keys)                                         # (b, h, s, e)
+        if l > self.max_seq_length:
+            raise ValueError(f"a cache holds max_seq_length={self.max_seq_length} tokens, got a prompt of {l}")
+        room = min(self.max_seq_length, 2 * l)
+        keys = k.new_zeros(b, self.num_key_value_heads, room, self.head_size)     # (b, g, s, e)
+        values = torch.zeros_like(keys)                                         # (b, g, s, e)
         keys[:, :, :l], values[:, :, :l] = k, v
         return out, (keys, values, l)
 
@@ -423,23 +456,23 @@ class AttentionBlock(nn.Module):
         in place. Every cached key is in the past, so no mask is needed; its order does not matter either."""
         keys, values, seen = state
         b, m = x.shape
-        q, k, v = self.qkv_proj(x).view(b, 3, self.nhead, 1, m // self.nhead).unbind(1)   # (b, h, 1, e) each
-        if self.rotary:
-            q, k = _rotary(q, seen), _rotary(k, seen)
+        q, k, v = self._qkv(x.unsqueeze(1), seen)                               # (b, h, 1, e), (b, g, 1, e)
         slot = seen % self.max_seq_length                                       # ring buffer: overwrite the oldest
+        if slot == keys.shape[2]:                                               # full, below max_seq_length: double
+            keys, values = (torch.cat([c, torch.zeros_like(c)], dim=2)[:, :, :self.max_seq_length]
+                            for c in (keys, values))                            # (b, g, s, e)
         keys[:, :, slot], values[:, :, slot] = k[:, :, 0], v[:, :, 0]
         filled = min(seen + 1, self.max_seq_length)
-        y = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])   # (b, h, 1, e)
+        y = self._attend(q, keys[:, :, :filled], values[:, :, :filled])         # (b, h, 1, e)
         return self.resid_dropout(self.out_proj(y.reshape(b, m))), (keys, values, seen + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The MLP
+# 4. The MLP: dense, then a mixture of experts
 # ---------------------------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
-    """Jamba's gated SiLU MLP (SwiGLU, Shazeer arXiv 2002.05202): down(silu(gate(x)) * up(x)).
-    [Jamba] Section 2 replaces some of these with mixture-of-experts layers; this implementation keeps them dense."""
+    """Jamba's gated SiLU MLP (SwiGLU, Shazeer arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, d_model, dim_feedforward, dropout=0.0):
         super().__init__()
@@ -449,32 +482,157 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        """x (b, l, m) or (b, m) -> the same shape."""
+        """x (..., m) -> the same shape."""
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+class MixtureOfExperts(nn.Module):
+    """[Jamba] Section 2's MoE layer: num_experts gated SiLU MLPs, of which a router picks num_experts_per_tok for
+    each token (Shazeer et al., arXiv 1701.06538). Jamba has 16 experts and picks 2, in every other layer: 16x the
+    MLP parameters of those layers at about 2x their compute per token.
+
+    The router is a bias-free linear to num_experts logits with a softmax over all experts (in float32 at least);
+    each token goes to its K most probable experts, whose outputs are weighted by those probabilities as they are,
+    not renormalised to sum to 1 (as the public Jamba code; Mixtral renormalises them). Only the chosen experts run:
+    the (token, expert) pairs are grouped by expert, each expert runs once on its group, and the weighted results
+    are added back at their tokens, so the cost per token grows with K, not with num_experts.
+    After a forward, router_probs (t, E) holds the router's probabilities for load_balancing_loss.
+    """
+
+    def __init__(self, d_model, dim_feedforward, num_experts, num_experts_per_tok=2, dropout=0.0):
+        super().__init__()
+        _positive_int("num_experts", num_experts)
+        if isinstance(num_experts_per_tok, bool) or not isinstance(num_experts_per_tok, int) \
+                or not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be an int in [1, num_experts={num_experts}], "
+                             f"got {num_experts_per_tok!r}")
+        self.num_experts_per_tok = num_experts_per_tok
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(d_model, dim_feedforward, dropout) for _ in range(num_experts))
+        self.router_probs = None
+
+    def forward(self, x):
+        """x (..., m) -> the same shape."""
+        tokens = x.reshape(-1, x.shape[-1])                                     # (t, m)
+        compute = torch.promote_types(x.dtype, torch.float32)                   # float32 for bf16, as Jamba's
+        self.router_probs = F.softmax(self.router(tokens), dim=-1, dtype=compute)   # (t, E)
+        weights, chosen = self.router_probs.topk(self.num_experts_per_tok, dim=-1)       # (t, K) each
+        # Sort the t*K (token, expert) pairs by expert: each expert's tokens are then one contiguous slice.
+        order = chosen.flatten().argsort()                                      # (t K,)
+        per_expert = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        token_of = (order // self.num_experts_per_tok).split(per_expert)        # E slices of token indices
+        weight_of = weights.flatten()[order].to(x.dtype).unsqueeze(-1).split(per_expert)   # E slices (t_e, 1)
+        out = torch.zeros_like(tokens)                                          # (t, m)
+        for expert, token_index, weight in zip(self.experts, token_of, weight_of):
+            # An expert no token chose still runs, on zero rows, so that its weights get a zero gradient rather
+            # than none (which DistributedDataParallel would take for a parameter that is not used at all).
+            out.index_add_(0, token_index, weight * expert(tokens[token_index]))   # (t_e, m) added at its tokens
+        return out.view_as(x)
+
+
+def load_balancing_loss(router_probs, num_experts_per_tok):
+    """The Switch Transformer's auxiliary loss (Fedus et al., arXiv 2101.03961, Eq. 4-6) with top-K routing, as in
+    the public Jamba code:  E * sum_e f_e P_e,  where f_e is the fraction of tokens that sent one of their K choices
+    to expert e and P_e the mean router probability of expert e, both pooled over the tokens of every MoE layer.
+    f sums to K, so an even spread gives K (exactly K for a uniform router) and piling tokens onto few experts
+    gives more. Only P carries a gradient. router_probs: one (t, E) tensor per MoE layer."""
+    probs = torch.cat(router_probs)                                             # (T, E)  every layer's tokens
+    num_experts = probs.shape[-1]
+    chosen = probs.topk(num_experts_per_tok, dim=-1).indices                    # (T, K)
+    f = F.one_hot(chosen, num_experts).sum(1).float().mean(0)                   # (E,)  Eq. (5), times K
+    P = probs.mean(0)                                                           # (E,)  Eq. (6)
+    return num_experts * (f * P).sum()                                          # Eq. (4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 5. The layer schedule and the Jamba model
+# 5. The layer plan and the Jamba model
 # ---------------------------------------------------------------------------------------------------------------
 
-def layer_schedule(num_mamba_layers, num_transformer_layers):
+def layer_schedule(num_mamba_layers, num_transformer_layers, attn_layer_period=None, attn_layer_offset=None):
     """The layer pattern, 'M' for Mamba and 'A' for attention. With a attention layers among N layers, attention
     layer k sits at floor((k + 1/2) N / a): spread evenly, each in the middle of its share. N=8, a=1 gives
-    "MMMMAMMM", the 1:7 Jamba block of [Jamba] Section 2 / Figure 1; N=32, a=4 puts attention at 4, 12, 20, 28."""
+    "MMMMAMMM", the 1:7 Jamba block of [Jamba] Section 2 / Figure 1; N=32, a=4 puts attention at 4, 12, 20, 28.
+    With attn_layer_period and attn_layer_offset (the public Jamba configuration's way), layer i is attention
+    when i % attn_layer_period == attn_layer_offset instead: Jamba-v0.1 has 32 layers, period 8, offset 4."""
     n_layers = num_mamba_layers + num_transformer_layers
-    attention_at = {(2 * k + 1) * n_layers // (2 * num_transformer_layers) for k in range(num_transformer_layers)}
+    if attn_layer_period is None:
+        attention_at = {(2 * k + 1) * n_layers // (2 * num_transformer_layers) for k in range(num_transformer_layers)}
+    else:
+        attention_at = {i for i in range(n_layers) if i % attn_layer_period == attn_layer_offset}
     return "".join("A" if i in attention_at else "M" for i in range(n_layers))
+
+
+@dataclass
+class JambaConfig:
+    """Every setting of the model, in one place: Jamba(config) or Jamba(**settings), checkpoints and train_tiny.py's
+    flags all read it. Names follow the public Jamba configuration where it has the setting."""
+    vocab_size: int
+    d_model: int                       # the residual width m (Jamba: hidden_size, 4096)
+    num_mamba_layers: int              # 0 gives a plain transformer
+    num_transformer_layers: int        # attention layers; 0 gives a plain Mamba LM
+    nhead: int                         # query heads
+    dim_feedforward: int               # hidden width of the MLP and of each expert (Jamba: intermediate_size)
+    max_seq_length: int                # the longest input of forward(); attention caches keep at most this many
+    dropout: float = 0.0
+    d_state: int = 16                  # the Mamba block's settings, with the reference's defaults
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"        # "auto": ceil(d_model / 16)
+    num_key_value_heads: int | None = None   # grouped-query attention; None: nhead (Jamba: 8 for 32 query heads)
+    num_experts: int = 1               # 1: every MLP is dense; Jamba: 16
+    num_experts_per_tok: int = 2       # the router's top-K
+    expert_layer_period: int = 2       # layer i has experts when i % period == offset: every other layer,
+    expert_layer_offset: int = 1       # starting at the second, as in Jamba
+    router_aux_loss_coef: float = 0.001    # the load-balancing term's weight in the loss, as in Jamba
+    attn_layer_period: int | None = None   # attention where i % period == offset (Jamba: 8, 4);
+    attn_layer_offset: int | None = None   # None: spread evenly, see layer_schedule
+    rotary: bool = True                # rotary positions in attention layers that no Mamba layer precedes
+    tie_word_embeddings: bool = True   # the head shares the embedding's weights (Jamba's checkpoints: False)
+    rms_norm_eps: float = 1e-6
+    scan: str = "parallel"             # or "sequential", the readable reference loop
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "nhead", "dim_feedforward", "max_seq_length", "num_experts"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_mamba_layers", "num_transformer_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        n_layers = self.num_mamba_layers + self.num_transformer_layers
+        if n_layers == 0:
+            raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0 layers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if (self.attn_layer_period is None) != (self.attn_layer_offset is None):
+            raise ValueError("give attn_layer_period and attn_layer_offset together, or neither")
+        plans = [("attn_layer", self.attn_layer_period is not None), ("expert_layer", self.num_experts > 1)]
+        for name, used in plans:
+            period, offset = getattr(self, f"{name}_period"), getattr(self, f"{name}_offset")
+            if used and (isinstance(period, bool) or not isinstance(period, int) or not isinstance(offset, int)
+                         or not 0 <= offset < period):
+                raise ValueError(f"{name}_period and {name}_offset must be ints with 0 <= offset < period, "
+                                 f"got {period!r} and {offset!r}")
+        if self.attn_layer_period is not None:
+            placed = layer_schedule(self.num_mamba_layers, self.num_transformer_layers, self.attn_layer_period,
+                                    self.attn_layer_offset).count("A")
+            if placed != self.num_transformer_layers:
+                raise ValueError(f"attn_layer_period={self.attn_layer_period}, attn_layer_offset="
+                                 f"{self.attn_layer_offset} place {placed} attention layers among {n_layers}, but "
+                                 f"num_transformer_layers={self.num_transformer_layers}")
+        if self.num_experts > 1 and self.expert_layer_offset >= n_layers:
+            raise ValueError(f"expert_layer_offset={self.expert_layer_offset} places no layer among {n_layers}: "
+                             f"num_experts={self.num_experts} would never be used")
 
 
 class JambaLayer(nn.Module):
     """One pre-norm residual layer ([Jamba] Figure 1): x = x + mixer(norm(x)); x = x + mlp(norm(x))."""
 
-    def __init__(self, mixer, d_model, dim_feedforward, dropout):
+    def __init__(self, mixer, mlp, d_model, norm_eps=1e-6):
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer = mixer
-        self.mlp_norm = nn.RMSNorm(d_model, eps=1e-6)
-        self.mlp = MLP(d_model, dim_feedforward, dropout)
+        self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mlp = mlp
 
     def forward(self, x, return_state=False):
         """x (b, l, m) -> (b, l, m), and the mixer's state with return_state."""
@@ -491,51 +649,54 @@ class JambaLayer(nn.Module):
 
 
 class Jamba(nn.Module):
-    """The Jamba language model ([Jamba] Section 2): token embedding, a schedule of Mamba and attention layers
-    (layer_schedule), a final RMSNorm and an output head tied to the embedding.
+    """The Jamba language model ([Jamba] Section 2): token embedding, a plan of Mamba and attention layers
+    (layer_schedule) whose MLPs are dense or mixtures of experts, a final RMSNorm and an output head.
 
-    num_mamba_layers=0 gives a plain (rotary) transformer, num_transformer_layers=0 a plain Mamba LM.
-    max_seq_length: the longest input forward() accepts, and the size of the attention caches in generate().
-    The keyword arguments after dropout configure every MambaBlock (Jamba's RMSNorms on dt, B, C are always on).
+    Jamba(config) with a JambaConfig, or Jamba(**settings) with its fields: Jamba(vocab_size=65, d_model=128, ...).
+    model.layer_pattern shows the mixers ('M' Mamba, 'A' attention), model.mlp_pattern the MLPs ('D' dense,
+    'E' experts); after a forward, model.aux_loss is the load-balancing term (None without experts).
     """
 
-    def __init__(self, vocab_size, d_model, num_mamba_layers, num_transformer_layers, nhead, dim_feedforward,
-                 max_seq_length, dropout=0.0, d_state=16, d_conv=4, expand=2, dt_rank="auto", scan="parallel"):
+    def __init__(self, config=None, **settings):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("nhead", nhead),
-                            ("dim_feedforward", dim_feedforward), ("max_seq_length", max_seq_length)):
-            _positive_int(name, value)
-        for name, value in (("num_mamba_layers", num_mamba_layers), ("num_transformer_layers", num_transformer_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if num_mamba_layers + num_transformer_layers == 0:
-            raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0 layers")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.config = dict(vocab_size=vocab_size, d_model=d_model, num_mamba_layers=num_mamba_layers,
-                           num_transformer_layers=num_transformer_layers, nhead=nhead,
-                           dim_feedforward=dim_feedforward, max_seq_length=max_seq_length, dropout=dropout,
-                           d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, scan=scan)
-        self.vocab_size, self.max_seq_length = vocab_size, max_seq_length
-        self.layer_pattern = layer_schedule(num_mamba_layers, num_transformer_layers)
+        if config is None:
+            config = JambaConfig(**settings)
+        elif not isinstance(config, JambaConfig) or settings:
+            raise TypeError("Jamba takes a JambaConfig or its fields as keyword arguments, not both")
+        self.config = c = config
+        self.layer_pattern = layer_schedule(c.num_mamba_layers, c.num_transformer_layers, c.attn_layer_period,
+                                            c.attn_layer_offset)
+        self.mlp_pattern = "".join("E" if c.num_experts > 1 and i % c.expert_layer_period == c.expert_layer_offset
+                                   else "D" for i in range(len(self.layer_pattern)))
+        first_mamba = self.layer_pattern.find("M") % (len(self.layer_pattern) + 1)   # no Mamba: past the end
 
-        first_mamba = self.layer_pattern.index("M") if "M" in self.layer_pattern else len(self.layer_pattern)
-        mixers = [MambaBlock(d_model, d_state, d_conv, expand, dt_rank, dt_layernorm=True, b_layernorm=True,
-                             c_layernorm=True, scan=scan) if kind == "M" else
-                  AttentionBlock(d_model, nhead, dropout, max_seq_length, rotary=i < first_mamba)
-                  for i, kind in enumerate(self.layer_pattern)]
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(JambaLayer(mixer, d_model, dim_feedforward, dropout) for mixer in mixers)
-        self.norm = nn.RMSNorm(d_model, eps=1e-6)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.embedding.weight                             # weight tying (Press & Wolf 2017)
+        def mixer(i, kind):
+            if kind == "M":
+                return MambaBlock(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, inner_layernorms=True,
+                                  norm_eps=c.rms_norm_eps, scan=c.scan)
+            return AttentionBlock(c.d_model, c.nhead, c.dropout, c.max_seq_length, c.rotary and i < first_mamba,
+                                  c.num_key_value_heads)
+
+        def mlp(kind):
+            if kind == "E":
+                return MixtureOfExperts(c.d_model, c.dim_feedforward, c.num_experts, c.num_experts_per_tok, c.dropout)
+            return MLP(c.d_model, c.dim_feedforward, c.dropout)
+
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList(JambaLayer(mixer(i, kind), mlp(mlp_kind), c.d_model, c.rms_norm_eps)
+                                    for i, (kind, mlp_kind) in enumerate(zip(self.layer_pattern, self.mlp_pattern)))
+        self.norm = nn.RMSNorm(c.d_model, eps=c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embedding.weight                         # weight tying (Press & Wolf 2017)
+        self.aux_loss = None
         # GPT-2's init, leaving the Mamba-specific init (dt_proj, conv1d, A_log, D) exactly as MambaBlock made it:
         # N(0, 0.02) everywhere, and the projections that write into the residual stream scaled by 1/sqrt(2 N) so
         # that its variance does not grow with depth.
         self.apply(self._init_weights)
-        for layer in self.layers:
-            for residual_output in (layer.mixer.out_proj, layer.mlp.down_proj):
-                nn.init.normal_(residual_output.weight, std=0.02 / math.sqrt(2 * len(self.layers)))
+        for name, param in self.named_parameters():
+            if name.endswith(("out_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * len(self.layers)))
 
     @staticmethod
     def _init_weights(module):
@@ -545,7 +706,7 @@ class Jamba(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def extra_repr(self):
-        return f"layer_pattern={self.layer_pattern!r}"
+        return f"layer_pattern={self.layer_pattern!r}, mlp_pattern={self.mlp_pattern!r}"
 
     def _check_idx(self, idx, name="idx"):
         if not isinstance(idx, torch.Tensor):
@@ -556,14 +717,14 @@ class Jamba(nn.Module):
             raise ValueError(f"{name} must have shape (b, l), got {tuple(idx.shape)}")
         if idx.shape[1] == 0:
             raise ValueError(f"{name} is an empty sequence (l = 0); give at least one token")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(f"{name} holds ids in [{idx.min().item()}, {idx.max().item()}], "
-                             f"outside [0, vocab_size={self.vocab_size})")
+                             f"outside [0, vocab_size={self.config.vocab_size})")
 
     def _trunk(self, idx, return_state):
         """Logits (b, l, v) for idx (b, l), and with return_state every layer's state."""
-        if idx.shape[1] > self.max_seq_length:
-            raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.max_seq_length}")
+        if idx.shape[1] > self.config.max_seq_length:
+            raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.config.max_seq_length}")
         x = self.embedding(idx)                                                 # (b, l, m)
         states = []
         for layer in self.layers:
@@ -576,16 +737,21 @@ class Jamba(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (b, l) token ids, l <= max_seq_length -> (logits (b, l, v), mean cross-entropy loss or None).
-        targets (b, l): the next token at each position; -1 marks positions to ignore."""
+        targets (b, l): the next token at each position; -1 marks positions to ignore. With experts, the loss adds
+        router_aux_loss_coef times the load-balancing term, which stays readable as model.aux_loss."""
         self._check_idx(idx)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
                 got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                 raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
         logits = self._trunk(idx, return_state=False)
+        routers = [layer.mlp.router_probs for layer in self.layers if isinstance(layer.mlp, MixtureOfExperts)]
+        self.aux_loss = load_balancing_loss(routers, self.config.num_experts_per_tok) if routers else None
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
+        if self.aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * self.aux_loss
         return logits, loss
 
     # -----------------------------------------------------------------------------------------------------------
@@ -618,16 +784,17 @@ class Jamba(nn.Module):
         recent max_seq_length tokens only (a sliding window), and a prompt longer than max_seq_length is read in
         parallel up to max_seq_length and token by token after that. Call model.eval() first to turn dropout off.
         """
-        self._check_idx(idx)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        logits, states = self.prefill(idx[:, :self.max_seq_length])
+        self._check_idx(idx)
+        max_seq_length = self.config.max_seq_length
+        logits, states = self._trunk(idx[:, :max_seq_length], return_state=True)
         logits = logits[:, -1]                                                  # (b, v)
-        for t in range(self.max_seq_length, idx.shape[1]):
+        for t in range(max_seq_length, idx.shape[1]):
             logits, states = self.step(idx[:, t], states)
         new_tokens = []
         for i in range(max_new_tokens):
@@ -643,3 +810,165 @@ class Jamba(nn.Module):
             if i + 1 < max_new_tokens:
                 logits, states = self.step(token, states)
         return torch.cat([idx, torch.stack(new_tokens, dim=1).to(idx.dtype)], dim=1) if new_tokens else idx
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 7. Loading a released Jamba checkpoint
+    # -----------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """A Jamba checkpoint in the Hugging Face format of JambaForCausalLM, from a local directory: config.json
+        and model.safetensors, or the shards that model.safetensors.index.json lists. Nothing is downloaded.
+
+        The model gets exactly the checkpoint's plan: its attention period and offset, experts (number, top-K,
+        period, offset), query and key/value heads, norms' epsilon, tied or untied head, and no positional encoding
+        ([Jamba] Section 6.5). Experts are read in the per-expert layout of the released files
+        (...feed_forward.experts.{e}.gate_proj.weight) or the stacked one of recent transformers versions
+        (...feed_forward.experts.gate_up_proj). The model is built on the meta device and the checkpoint's tensors
+        become its parameters, so memory holds one copy of the weights, in their stored dtype unless dtype is
+        given (the released weights are bf16). Needs the safetensors package. Returns the model in eval mode.
+        """
+        from safetensors.torch import load_file    # only here, so that JAMBA.py itself needs nothing but torch
+
+        config, files = _read_hf_config(Path(path))
+        with torch.device("meta"):
+            model = cls(config)
+        hf_state = {}
+        for file in files:
+            hf_state.update(load_file(file))
+        state = _state_from_hf(hf_state, model)
+        if dtype is not None:
+            state = {key: value.to(dtype) for key, value in state.items()}
+        # assign=True makes the loaded tensors the parameters (no second copy); it also makes new Parameter
+        # objects, so the no-weight-decay marks and the tied head are put back afterwards.
+        marked = {name for name, param in model.named_parameters() if getattr(param, "_no_weight_decay", False)}
+        model.load_state_dict(state, strict=True, assign=True)
+        for name, param in model.named_parameters():
+            param._no_weight_decay = name in marked
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embedding.weight
+        return model.eval()
+
+
+# The public configuration's defaults (transformers' JambaConfig), for keys a config.json leaves out.
+_HF_DEFAULTS = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, max_position_embeddings=262144, num_experts=16,
+                    num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=8,
+                    attn_layer_offset=4, router_aux_loss_coef=0.001, mamba_d_state=16, mamba_d_conv=4,
+                    mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False)
+
+
+def _read_hf_config(path):
+    """(JambaConfig, safetensors files) of a JambaForCausalLM directory; every problem raises before a tensor is read."""
+    if not path.is_dir():
+        raise ValueError(f"path {str(path)!r} is not a directory: give the local directory of a Jamba checkpoint "
+                         "(config.json and model.safetensors)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"path {str(path)!r} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        hf = {**_HF_DEFAULTS, **json.loads(config_file.read_text(encoding="utf-8"))}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not readable JSON ({err})") from None
+    if hf.get("model_type") != "jamba":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, but only 'jamba' "
+                         "(JambaForCausalLM) checkpoints can be loaded")
+    unsupported = {key: hf[key] for key, ours in (("hidden_act", "silu"), ("mamba_conv_bias", True),
+                                                  ("mamba_proj_bias", False)) if hf[key] != ours}
+    if unsupported:
+        raise ValueError(f"{config_file}: {unsupported} is not supported (this implementation has silu, a conv bias "
+                         "and no Mamba projection biases, as every released Jamba)")
+    n_layers, period, offset = hf["num_hidden_layers"], hf["attn_layer_period"], hf["attn_layer_offset"]
+    n_attention = sum(i % period == offset for i in range(n_layers)) if isinstance(period, int) and period > 0 else 0
+    try:
+        config = JambaConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_mamba_layers=n_layers - n_attention,
+            num_transformer_layers=n_attention, nhead=hf["num_attention_heads"],
+            dim_feedforward=hf["intermediate_size"], max_seq_length=hf["max_position_embeddings"],
+            d_state=hf["mamba_d_state"], d_conv=hf["mamba_d_conv"], expand=hf["mamba_expand"],
+            dt_rank=hf["mamba_dt_rank"], num_key_value_heads=hf["num_key_value_heads"],
+            num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+            expert_layer_period=hf["expert_layer_period"], expert_layer_offset=hf["expert_layer_offset"],
+            router_aux_loss_coef=hf["router_aux_loss_coef"], attn_layer_period=period, attn_layer_offset=offset,
+            rotary=False, tie_word_embeddings=hf["tie_word_embeddings"], rms_norm_eps=hf["rms_norm_eps"])
+        with torch.device("meta"):
+            Jamba(config)                                   # the blocks check their own settings (heads, top-K)
+    except ValueError as err:
+        raise ValueError(f"{config_file}: {err}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise ValueError(f"path {str(path)!r} has neither model.safetensors nor model.safetensors.index.json")
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise ValueError(f"{index}: lists shards that are not in the directory: {missing}")
+    return config, files
+
+
+def _state_from_hf(hf_state, model):
+    """model's state_dict from the tensors of a JambaForCausalLM checkpoint. Our names map onto theirs:
+    embedding = model.embed_tokens, norm = model.final_layernorm, layers.i = model.layers.i, and in a layer
+    mixer_norm = input_layernorm, mlp_norm = pre_ff_layernorm, mixer = mamba or self_attn, mlp = feed_forward;
+    attention's qkv_proj stacks q_proj, k_proj, v_proj and its out_proj is o_proj."""
+    c, used, state = model.config, set(), {}
+
+    def take(hf_key, expected_shape):
+        if hf_key not in hf_state:
+            raise ValueError(f"the checkpoint has no tensor {hf_key!r}, which its config.json implies")
+        if tuple(hf_state[hf_key].shape) != tuple(expected_shape):
+            raise ValueError(f"{hf_key} has shape {tuple(hf_state[hf_key].shape)} in the checkpoint, but its "
+                             f"config.json gives it {tuple(expected_shape)}")
+        used.add(hf_key)
+        return hf_state[hf_key]
+
+    stacked = {}                                    # the MoE layers whose experts come stacked in two tensors
+    for i, kind in enumerate(model.mlp_pattern):
+        prefix = f"model.layers.{i}.feed_forward.experts."
+        if kind == "E" and f"{prefix}0.gate_proj.weight" not in hf_state:
+            if f"{prefix}gate_up_proj" not in hf_state:
+                found = sorted(key for key in hf_state if key.startswith(prefix))[:4]
+                raise ValueError(f"layer {i}: cannot read its experts: expected {prefix}{{e}}.gate_proj.weight "
+                                 f"(released files) or {prefix}gate_up_proj (transformers), found {found}")
+            E, f, m = c.num_experts, c.dim_feedforward, c.d_model
+            stacked[i] = (take(f"{prefix}gate_up_proj", (E, 2 * f, m)), take(f"{prefix}down_proj", (E, m, f)))
+
+    for key, param in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            used.add("lm_head.weight")                  # tied: the embedding's tensor, whether stored twice or not
+            state[key] = state["embedding.weight"]
+            continue
+        if not key.startswith("layers."):
+            names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
+            state[key] = take(names.get(key, key), param.shape)
+            continue
+        _, i, module, rest = key.split(".", 3)
+        prefix = f"model.layers.{i}."
+        if module == "mixer" and model.layer_pattern[int(i)] == "A":
+            if rest == "qkv_proj.weight":
+                q_k_v = [take(f"{prefix}self_attn.{name}_proj.weight", shape) for name, shape in zip(
+                    "qkv", [(c.d_model, c.d_model)] + 2 * [((param.shape[0] - c.d_model) // 2, c.d_model)])]
+                state[key] = torch.cat(q_k_v)
+            else:
+                state[key] = take(f"{prefix}self_attn.o_proj.weight", param.shape)
+        elif module == "mlp" and int(i) in stacked:
+            gate_up, down = stacked[int(i)]
+            if rest.startswith("experts."):
+                _, e, name, _ = rest.split(".")
+                f = c.dim_feedforward
+                state[key] = {"gate_proj": gate_up[int(e), :f], "up_proj": gate_up[int(e), f:],
+                              "down_proj": down[int(e)]}[name]
+            else:
+                state[key] = take(f"{prefix}feed_forward.{rest}", param.shape)
+        else:
+            hf_module = {"mixer": "mamba", "mixer_norm": "input_layernorm", "mlp_norm": "pre_ff_layernorm",
+                         "mlp": "feed_forward"}[module]
+            state[key] = take(f"{prefix}{hf_module}.{rest}", param.shape)
+    unexpected = sorted(set(hf_state) - used)
+    if unexpected:
+        raise ValueError(f"the checkpoint has {len(unexpected)} tensors its config.json does not account for, "
+                         f"e.g. {unexpected[:3]}")
+    return state

@@ -1,6 +1,9 @@
 """The specification of JAMBA.py: property tests (hypothesis) and unit tests (pytest)."""
 
+import dataclasses
 import hashlib
+import itertools
+import json
 import math
 import signal
 import subprocess
@@ -14,8 +17,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import train_tiny
-from JAMBA import (MLP, AttentionBlock, Jamba, MambaBlock, _rotary, layer_schedule, selective_scan_parallel,
-                   selective_scan_sequential)
+from JAMBA import (MLP, AttentionBlock, Jamba, JambaConfig, MambaBlock, MixtureOfExperts, _rotary, layer_schedule,
+                   load_balancing_loss, selective_scan_parallel, selective_scan_sequential)
 
 settings.register_profile("jamba", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("jamba")
@@ -144,7 +147,7 @@ def test_scan_rejects_bad_arguments(scan):
 
 def test_mamba_block_parallel_scan_equals_sequential():
     torch.manual_seed(0)
-    block = MambaBlock(16, d_state=4, dt_layernorm=True, b_layernorm=True, c_layernorm=True).double()
+    block = MambaBlock(16, d_state=4, inner_layernorms=True).double()
     x = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
     out_parallel = block(x)
     grads_parallel = torch.autograd.grad(out_parallel.sum(), [x, *block.parameters()])
@@ -161,7 +164,7 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
     """Prefill `prompt` tokens in parallel, then step the rest one at a time: the full forward's outputs."""
     prompt = min(prompt, l)
     torch.manual_seed(seed)
-    block = MambaBlock(8, d_state=4, d_conv=3, dt_layernorm=True).double()
+    block = MambaBlock(8, d_state=4, d_conv=3, inner_layernorms=True).double()
     x = torch.randn(3, l, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = block(x)
@@ -229,15 +232,92 @@ def test_mlp_is_gated_silu():
     torch.testing.assert_close(mlp(x), expected)
 
 
+def test_grouped_query_attention_shares_key_value_heads_and_caches_only_those():
+    """4 query heads on 2 key/value heads equal multi-head attention whose k and v heads are copied per group, and
+    the cache holds the 2 key/value heads only; step() equals the forward."""
+    torch.manual_seed(0)
+    gqa = AttentionBlock(16, 4, max_seq_length=12, num_key_value_heads=2).double().eval()
+    mha = AttentionBlock(16, 4, max_seq_length=12).double().eval()
+    q, k, v = gqa.qkv_proj.weight.split([16, 8, 8])                    # (h e, m), (g e, m), (g e, m)
+    repeat = lambda w: w.view(2, 1, 4, 16).expand(2, 2, 4, 16).reshape(16, 16)   # key/value head j -> 2j, 2j+1
+    with torch.no_grad():
+        mha.qkv_proj.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
+        mha.out_proj.weight.copy_(gqa.out_proj.weight)
+        x = torch.randn(2, 12, 16, dtype=torch.float64)
+        expected = gqa(x)
+        torch.testing.assert_close(expected, mha(x), rtol=1e-12, atol=1e-12)
+        out, state = gqa(x[:, :5], return_state=True)
+        assert state[0].shape == (2, 2, 10, 4) and state[1].shape == (2, 2, 10, 4)   # (b, g, s, e): room for 2 l
+        steps = [out]
+        for t in range(5, 12):
+            y, state = gqa.step(x[:, t], state)
+            steps.append(y[:, None])
+    assert state[0].shape == (2, 2, 12, 4)                              # doubled, then capped at max_seq_length
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="nhead must be a multiple of num_key_value_heads"):
+        AttentionBlock(16, 4, num_key_value_heads=3)
+
+
+def test_mixture_of_experts_runs_only_the_chosen_experts():
+    """Each token's output is the sum over its top-K experts of (router probability, not renormalised) x expert;
+    the experts together see exactly t K rows, and an expert no token chose gets a zero gradient, not none."""
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(8, 16, num_experts=6, num_experts_per_tok=2).double()
+    with torch.no_grad():
+        moe.router.weight[5] = -10.0                                    # with x > 0, expert 5 is never in the top 2
+    rows = []
+    for expert in moe.experts:
+        expert.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    x = torch.rand(3, 7, 8, dtype=torch.float64)
+    out = moe(x)
+    assert out.shape == x.shape and sum(rows) == 3 * 7 * 2 and rows[5] == 0
+    probs = F.softmax(x @ moe.router.weight.t(), dim=-1)                    # (b, l, E)
+    weights, chosen = probs.topk(2, dim=-1)
+    expected = torch.zeros_like(x)
+    for b, t in itertools.product(range(3), range(7)):
+        for weight, e in zip(weights[b, t], chosen[b, t]):
+            expected[b, t] += weight * moe.experts[e](x[b, t])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe.router_probs, probs.view(21, 6))
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())
+    assert all(torch.count_nonzero(p.grad) == 0 for p in moe.experts[5].parameters())
+    assert all(torch.count_nonzero(p.grad) > 0 for p in moe.experts[chosen.flatten()[0]].parameters())
+    with pytest.raises(ValueError, match=r"num_experts_per_tok must be an int in \[1, num_experts=4\]"):
+        MixtureOfExperts(8, 16, num_experts=4, num_experts_per_tok=5)
+
+
+def test_load_balancing_loss_is_K_for_a_uniform_router_and_grows_when_unbalanced():
+    t, E = 50, 8
+    for K in (1, 2, 3):
+        uniform = torch.full((t, E), 1.0 / E)
+        assert load_balancing_loss([uniform, uniform], K).item() == pytest.approx(K)
+    g = torch.Generator().manual_seed(0)
+    balanced = F.softmax(torch.randn(t, E, generator=g) * 0.1, dim=-1)
+    skewed = F.softmax(torch.randn(t, E, generator=g) * 0.1 + 3.0 * (torch.arange(E) == 0), dim=-1)
+    assert load_balancing_loss([skewed], 2) > 1.5 * load_balancing_loss([balanced], 2)
+    # Pooled over layers: the tokens of both layers count as one set (not a mean of per-layer terms).
+    a, b = skewed[:10], balanced
+    f = F.one_hot(torch.cat([a, b]).topk(2).indices, E).sum(1).float().mean(0)
+    P = torch.cat([a, b]).mean(0)
+    torch.testing.assert_close(load_balancing_loss([a, b], 2), E * (f * P).sum())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
 
 def tiny_jamba(num_mamba_layers=3, num_transformer_layers=1, max_seq_length=24, seed=0, **kwargs):
     torch.manual_seed(seed)
-    return Jamba(vocab_size=11, d_model=16, num_mamba_layers=num_mamba_layers,
-                 num_transformer_layers=num_transformer_layers, nhead=2, dim_feedforward=32,
-                 max_seq_length=max_seq_length, d_state=4, **kwargs)
+    return Jamba(**{**dict(vocab_size=11, d_model=16, num_mamba_layers=num_mamba_layers,
+                           num_transformer_layers=num_transformer_layers, nhead=2, dim_feedforward=32,
+                           max_seq_length=max_seq_length, d_state=4), **kwargs})
+
+
+# The hybrid, the two baselines, and the hybrid as Jamba has it: experts every other layer, grouped-query attention.
+MODEL_VARIANTS = {"hybrid": dict(), "transformer": dict(num_mamba_layers=0, num_transformer_layers=2),
+                  "mamba": dict(num_mamba_layers=2, num_transformer_layers=0),
+                  "jamba": dict(nhead=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)}
 
 
 @pytest.mark.parametrize("mamba, attention, pattern", [
@@ -262,10 +342,55 @@ def test_model_layers_follow_schedule_and_print_it():
         == [True, False]
 
 
-@pytest.mark.parametrize("mamba, attention", [(3, 1), (0, 2), (2, 0)])
-def test_cached_path_equals_full_forward(mamba, attention):
+def test_layer_plan_by_period_and_offset_as_the_public_jamba_config():
+    model = tiny_jamba(14, 2, attn_layer_period=8, attn_layer_offset=4, num_experts=4)
+    assert model.layer_pattern == "MMMMAMMMMMMMAMMM" and model.mlp_pattern == "DE" * 8
+    assert [type(layer.mlp) for layer in model.layers] == [MLP, MixtureOfExperts] * 8
+    assert "mlp_pattern='DEDEDEDEDEDEDEDE'" in repr(model)
+    assert tiny_jamba(3, 1, attn_layer_period=4, attn_layer_offset=0).layer_pattern == "AMMM"
+    assert tiny_jamba(num_experts=4, expert_layer_period=4, expert_layer_offset=0).mlp_pattern == "EDDD"
+    assert tiny_jamba(num_experts=1).mlp_pattern == "DDDD"
+    untied = tiny_jamba(tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.embedding.weight
+
+
+def test_loss_with_experts_adds_the_load_balancing_term():
+    model = tiny_jamba(**MODEL_VARIANTS["jamba"], router_aux_loss_coef=0.5)
+    idx = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits, loss = model(idx, idx)
+    routers = [layer.mlp.router_probs for layer in model.layers if isinstance(layer.mlp, MixtureOfExperts)]
+    assert len(routers) == 2 and routers[0].shape == (18, 4)
+    torch.testing.assert_close(model.aux_loss, load_balancing_loss(routers, 2))
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.5 * model.aux_loss)
+    assert 1.9 < model.aux_loss.item() < 2.5                                  # about K = 2 at initialisation
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert tiny_jamba()(idx)[1] is None and tiny_jamba().aux_loss is None
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "jamba"])
+def test_bfloat16_model_generates_close_to_float32(variant):
+    """A model cast to bf16 (not autocast: its weights and states are bf16) prefills, steps and generates."""
+    model = tiny_jamba(**MODEL_VARIANTS[variant]).eval()
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected, _ = model(idx)
+        model.to(torch.bfloat16)
+        logits, _ = model(idx)
+        _, states = model.prefill(idx[:, :6])
+        for t in range(6, 12):
+            step_logits, states = model.step(idx[:, t], states)
+    assert logits.dtype == torch.bfloat16 and step_logits.dtype == torch.bfloat16
+    assert (logits.float() - expected).abs().mean() <= 3e-2 * expected.abs().mean()
+    assert (step_logits.float() - expected[:, -1]).abs().mean() <= 3e-2 * expected.abs().mean()
+    out = model.generate(idx, 5, temperature=0)
+    assert out.shape == (2, 17) and out.dtype == idx.dtype
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_cached_path_equals_full_forward(variant):
     """prefill the first token, then step the rest one at a time: the full forward's logits at every position."""
-    model = tiny_jamba(mamba, attention).double().eval()
+    model = tiny_jamba(**MODEL_VARIANTS[variant]).double().eval()
     idx = torch.randint(0, 11, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, _ = model(idx)
@@ -277,9 +402,9 @@ def test_cached_path_equals_full_forward(mamba, attention):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("mamba, attention", [(3, 1), (0, 2), (2, 0)])
-def test_greedy_generate_equals_naive_loop(mamba, attention):
-    model = tiny_jamba(mamba, attention).double().eval()
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_greedy_generate_equals_naive_loop(variant):
+    model = tiny_jamba(**MODEL_VARIANTS[variant]).double().eval()
     prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(2))
     generated = model.generate(prompt, max_new_tokens=19, temperature=0)
     naive = prompt
@@ -324,7 +449,7 @@ def test_mamba_init_survives_model_construction():
     assert len(blocks) == 3
     for block in blocks:
         check_mamba_init(block)
-        assert block.dt_layernorm is not None and block.b_layernorm is not None and block.c_layernorm is not None
+        assert block.inner_layernorms and {"dt_layernorm", "b_layernorm", "c_layernorm"} <= dict(block.named_children()).keys()
     assert model.lm_head.weight is model.embedding.weight
     assert abs(model.embedding.weight.std().item() - 0.02) < 0.005
 
@@ -359,17 +484,26 @@ def test_generate_rejects_bad_arguments(kwargs, message):
     (dict(num_mamba_layers=0, num_transformer_layers=0), "at least 1"),
     (dict(num_mamba_layers=-1), "num_mamba_layers"), (dict(d_model=15), "multiple of nhead"),
     (dict(vocab_size=0), "vocab_size"), (dict(dropout=1.0), "dropout"), (dict(scan="fast"), "scan must be"),
-    (dict(max_seq_length=2.5), "max_seq_length")])
+    (dict(max_seq_length=2.5), "max_seq_length"), (dict(num_experts=0), "num_experts must be a positive int"),
+    (dict(num_experts=4, num_experts_per_tok=5), r"num_experts_per_tok must be an int in \[1, num_experts=4\]"),
+    (dict(nhead=4, num_key_value_heads=3), "nhead must be a multiple of num_key_value_heads"),
+    (dict(num_experts=4, expert_layer_period=4, expert_layer_offset=3), "expert_layer_offset=3 places no layer"),
+    (dict(num_experts=4, expert_layer_offset=2), "0 <= offset < period, got 2 and 2"),
+    (dict(attn_layer_period=1, attn_layer_offset=0), "place 2 attention layers among 2"),
+    (dict(attn_layer_period=8), "together, or neither")])
 def test_model_rejects_bad_config(kwargs, message):
     config = dict(vocab_size=11, d_model=16, num_mamba_layers=1, num_transformer_layers=1, nhead=2,
                   dim_feedforward=32, max_seq_length=8)
     with pytest.raises(ValueError, match=message):
         Jamba(**{**config, **kwargs})
+    with pytest.raises(TypeError, match="not both"):
+        Jamba(JambaConfig(**config), d_model=32)
 
 
-def test_state_dict_round_trip(tmp_path):
-    model = tiny_jamba(seed=0).eval()
-    torch.save({"config": model.config, "model": model.state_dict()}, tmp_path / "ckpt.pt")
+@pytest.mark.parametrize("variant", ["hybrid", "jamba"])
+def test_state_dict_round_trip(tmp_path, variant):
+    model = tiny_jamba(seed=0, **MODEL_VARIANTS[variant]).eval()
+    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict()}, tmp_path / "ckpt.pt")
     checkpoint = torch.load(tmp_path / "ckpt.pt")
     restored = Jamba(**checkpoint["config"])
     restored.load_state_dict(checkpoint["model"], strict=True)
@@ -391,6 +525,164 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1 * math.log(11), loss.item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against the public Jamba: transformers' JambaForCausalLM (pure PyTorch) on tiny random configurations
+# ---------------------------------------------------------------------------------------------------------------
+
+HF_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                 max_position_embeddings=64, rms_norm_eps=1e-5, use_mamba_kernels=False, eos_token_id=None,
+                 pad_token_id=None, bos_token_id=None)
+HF_CONFIGS = {
+    # Jamba's own plan, shrunk: attention at layer 4 of 8, 4 experts top-2 every other layer, 4 query heads on 2
+    # key/value heads, an untied head.
+    "jamba": dict(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4, num_experts=4, num_experts_per_tok=2,
+                  expert_layer_period=2, expert_layer_offset=1, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False),
+    # Attention at layer 0 (no Mamba layer before it, and still no positional encoding), top-1 experts from layer 0,
+    # a tied head.
+    "attention_first": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=0, num_experts=3,
+                            num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=0, num_attention_heads=4,
+                            num_key_value_heads=4, tie_word_embeddings=True),
+    # Dense MLPs only, one key/value head.
+    "dense": dict(num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=2, num_experts=1, num_attention_heads=4,
+                  num_key_value_heads=1, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """name -> (transformers' JambaForCausalLM with random weights, the directory it saved itself to)."""
+    transformers = pytest.importorskip("transformers", reason="the proof against the public Jamba needs the "
+                                       "transformers package (.ci/run installs the pinned version)")
+    made = {}
+
+    def make(name):
+        if name not in made:
+            torch.manual_seed(0)
+            config = transformers.JambaConfig(**HF_COMMON, **HF_CONFIGS[name])
+            model = transformers.JambaForCausalLM(config).eval()
+            path = tmp_path_factory.mktemp(f"hf-{name}")
+            model.save_pretrained(path)
+            made[name] = model, path
+        return made[name]
+    return make
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_from_pretrained_matches_transformers(hf_checkpoint, name):
+    """The same layer plan, logits (1e-5 relative), loss, load-balancing term and 20 greedy tokens as transformers."""
+    hf_model, path = hf_checkpoint(name)
+    model = Jamba.from_pretrained(path)
+    hf_config = hf_model.config
+    assert model.layer_pattern == "".join("A" if kind == "attention" else "M" for kind in hf_config.layers_block_type)
+    assert model.mlp_pattern == "".join("E" if n > 1 else "D" for n in hf_config.layers_num_experts)
+    assert (model.lm_head.weight is model.embedding.weight) == hf_config.tie_word_embeddings
+    assert model.norm.eps == 1e-5 and all(layer.mixer_norm.eps == 1e-5 for layer in model.layers)
+    attention = [layer.mixer for layer in model.layers if isinstance(layer.mixer, AttentionBlock)]
+    assert attention and all(not block.rotary and block.num_key_value_heads == hf_config.num_key_value_heads
+                             for block in attention)
+    has_experts = "E" in model.mlp_pattern
+
+    idx = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    # transformers shifts its labels inside (position t predicts label t + 1); our targets are the next tokens.
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)
+    with torch.no_grad():
+        # Without experts, transformers' own load-balancing code fails (it indexes an empty tuple), so it is off.
+        expected = hf_model(input_ids=idx, labels=idx, output_router_logits=has_experts)
+        logits, loss = model(idx, targets)
+    assert_relative(logits, expected.logits, 1e-5, "logits")
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    if has_experts:
+        assert model.aux_loss.item() == pytest.approx(expected.aux_loss.item(), rel=1e-5)
+    else:
+        assert model.aux_loss is None
+    prompt = idx[:, :5]
+    assert torch.equal(model.generate(prompt, 20, temperature=0),
+                       hf_model.generate(prompt, max_new_tokens=20, do_sample=False))
+    # Our own state_dict still round-trips exactly.
+    again = Jamba(model.config)
+    again.load_state_dict(model.state_dict())
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+def test_checkpoint_in_bfloat16_generates_close_to_float32(hf_checkpoint):
+    _, path = hf_checkpoint("jamba")
+    model = Jamba.from_pretrained(path)
+    cast = Jamba.from_pretrained(path).to(torch.bfloat16)
+    loaded = Jamba.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(param.dtype == torch.bfloat16 for param in loaded.parameters())
+    idx = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, low, also_low = model(idx)[0], cast(idx)[0], loaded(idx)[0]
+    assert torch.equal(low, also_low)
+    # Mean, not max: where bf16 flips a router's choice one token's logits move further (transformers' too).
+    assert (low.float() - expected).abs().mean() <= 3e-2 * expected.abs().mean()
+    assert cast.generate(idx[:, :5], 20, temperature=0).shape == (2, 25)
+
+
+def test_from_pretrained_reads_shards_and_the_stacked_expert_layout(hf_checkpoint, tmp_path):
+    """Sharded safetensors with an index, and the experts stacked in two tensors per layer as transformers keeps
+    them in memory (experts.gate_up_proj, experts.down_proj), load to the same weights."""
+    from safetensors.torch import save_file
+    hf_model, path = hf_checkpoint("jamba")
+    expected = Jamba.from_pretrained(path).state_dict()
+    sharded = tmp_path / "sharded"
+    hf_model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    stacked = tmp_path / "stacked"
+    stacked.mkdir()
+    (stacked / "config.json").write_text((path / "config.json").read_text())
+    state = {key: value.contiguous() for key, value in hf_model.state_dict().items()}
+    assert "model.layers.1.feed_forward.experts.gate_up_proj" in state
+    save_file(state, stacked / "model.safetensors")
+    for directory in (sharded, stacked):
+        loaded = Jamba.from_pretrained(directory).state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[key], value) for key, value in expected.items()), directory.name
+
+
+def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = hf_checkpoint("jamba")
+    tensors = load_file(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+
+    def checkpoint(name, config_changes=None, tensor_changes=None):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+        changed = {**tensors, **(tensor_changes or {})}
+        save_file({key: value for key, value in changed.items() if value is not None}, directory / "model.safetensors")
+        return directory
+
+    experts = {key: None for key in tensors if key.startswith("model.layers.1.feed_forward.experts.")}
+    (tmp_path / "empty").mkdir()
+    no_weights = checkpoint("no_weights")
+    (no_weights / "model.safetensors").unlink()
+    cases = [
+        (tmp_path / "nowhere", "is not a directory"),
+        (tmp_path / "empty", "has no config.json"),
+        (checkpoint("mamba", {"model_type": "mamba"}), "model_type is 'mamba', but only 'jamba'"),
+        (checkpoint("gelu", {"hidden_act": "gelu"}), "{'hidden_act': 'gelu'} is not supported"),
+        (checkpoint("top5", {"num_experts_per_tok": 5}), r"num_experts_per_tok must be an int in \[1, num_experts=4\]"),
+        (checkpoint("heads", {"num_key_value_heads": 3}), "nhead must be a multiple of num_key_value_heads"),
+        (checkpoint("nowhere_experts", {"expert_layer_period": 16, "expert_layer_offset": 9}), "places no layer"),
+        (no_weights, "has neither model.safetensors nor model.safetensors.index.json"),
+        (checkpoint("missing", tensor_changes={"model.layers.4.self_attn.k_proj.weight": None}),
+         "no tensor 'model.layers.4.self_attn.k_proj.weight'"),
+        (checkpoint("shape", tensor_changes={"model.layers.0.mamba.A_log": torch.zeros(64, 4)}),
+         r"model.layers.0.mamba.A_log has shape \(64, 4\) in the checkpoint, but its config.json gives it \(64, 8\)"),
+        (checkpoint("layout", tensor_changes={**experts, "model.layers.1.feed_forward.w1": torch.zeros(4, 48, 32)}),
+         r"layer 1: cannot read its experts"),
+        (checkpoint("extra", tensor_changes={"model.layers.0.extra.weight": torch.zeros(2)}),
+         "1 tensors its config.json does not account for"),
+    ]
+    for directory, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            Jamba.from_pretrained(directory)
+        assert "\n" not in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Checkpoints (--out/ckpt.pt) are written atomically at every evaluation, at the e
 """
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -25,15 +26,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from JAMBA import Jamba
+from JAMBA import Jamba, JambaConfig
 
 STDLIB_CORPUS_CHARS = 2_000_000
-MODEL_ARGS = ("d_model", "num_mamba_layers", "num_transformer_layers", "nhead", "dim_feedforward",
-              "max_seq_length", "dropout", "d_state", "d_conv", "expand")
+# The model's defaults here, where they differ from JambaConfig's: a model that learns in minutes on a CPU.
+MODEL_DEFAULTS = dict(d_model=128, num_mamba_layers=3, num_transformer_layers=1, nhead=4, dim_feedforward=256,
+                      max_seq_length=256, d_state=8, expand=1)
+MODEL_HELP = {"d_state": "small for a CPU: the scan's cost grows with d_state * expand",
+              "num_experts": "above 1: mixture-of-experts MLPs (see --expert_layer_period/offset)",
+              "num_key_value_heads": "grouped-query attention; None: --nhead",
+              "rotary": "rotary positions in attention layers that no Mamba layer precedes"}
 
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit status 2, nothing written."""
+
+
+def _int_or_text(text):
+    """A flag that takes an int or a word: --dt_rank 8 or --dt_rank auto."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def parse_args(argv):
@@ -47,18 +58,18 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 autocast; auto = bfloat16 on cuda, float32 elsewhere")
     p.add_argument("--seed", type=int, default=1337)
-    model = p.add_argument_group("model (named as in the Jamba constructor)")
-    model.add_argument("--d_model", "--d-model", type=int, default=128)
-    model.add_argument("--num_mamba_layers", "--num-mamba-layers", type=int, default=3)
-    model.add_argument("--num_transformer_layers", "--num-transformer-layers", type=int, default=1)
-    model.add_argument("--nhead", type=int, default=4)
-    model.add_argument("--dim_feedforward", "--dim-feedforward", type=int, default=256)
-    model.add_argument("--max_seq_length", "--max-seq-length", type=int, default=256)
-    model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument("--d_state", "--d-state", type=int, default=8,
-                       help="small for a CPU: the scan's cost grows with d_state * expand")
-    model.add_argument("--d_conv", "--d-conv", type=int, default=4)
-    model.add_argument("--expand", type=int, default=1)
+    model = p.add_argument_group("model: JambaConfig's fields, named as in the Jamba constructor")
+    for field in dataclasses.fields(JambaConfig):
+        if field.name == "vocab_size":                                  # the corpus decides it
+            continue
+        default = MODEL_DEFAULTS.get(field.name, field.default)
+        names = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])   # dashes accepted too
+        if field.type is bool:
+            model.add_argument(*names, action=argparse.BooleanOptionalAction, default=default,
+                               help=MODEL_HELP.get(field.name, "as in JambaConfig"))
+        else:
+            kind = {int: int, float: float, str: str}.get(field.type, _int_or_text)   # int | str, int | None
+            model.add_argument(*names, type=kind, default=default, help=MODEL_HELP.get(field.name, "as in JambaConfig"))
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--block-size", type=int, default=128, help="characters per training sequence")
@@ -150,6 +161,19 @@ def get_batch(data, batch_size, block_size, generator, device):
 # ---------------------------------------------------------------------------------------------------------------
 # Model, optimiser, checkpoint
 # ---------------------------------------------------------------------------------------------------------------
+
+def make_config(args, vocab_size):
+    """The model's JambaConfig from the command's flags; a setting it refuses is a usage error."""
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(JambaConfig)
+                if field.name != "vocab_size"}
+    try:
+        config = JambaConfig(vocab_size=vocab_size, **settings)
+        with torch.device("meta"):
+            Jamba(config)                               # the blocks check their own settings (heads, experts)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return config
+
 
 def pick_device(name):
     if name == "auto":
@@ -263,12 +287,13 @@ def train_main(args, device):
     text, data_identity = read_corpus(args.data)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     vocab = "".join(sorted(set(text)))
-    config = dict(vocab_size=len(vocab), **{name: getattr(args, name) for name in MODEL_ARGS})
+    config = make_config(args, len(vocab))
     if ckpt is not None:
         if ckpt.get("data", {}).get("sha256") != data_identity["sha256"]:   # the same text also means the same vocab
             raise UsageError(f"{ckpt_path} was trained on other data ({ckpt.get('data', {}).get('name')}); "
                              "resume with the same --data")
-        changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+        saved = dataclasses.asdict(JambaConfig(**ckpt["config"]))
+        changed = {k: (saved[k], v) for k, v in dataclasses.asdict(config).items() if saved[k] != v}
         if changed:
             raise UsageError(f"{ckpt_path}: model config differs from this command's (checkpoint, command): "
                              + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
@@ -276,7 +301,7 @@ def train_main(args, device):
 
     torch.manual_seed(args.seed)
     batch_generator = torch.Generator().manual_seed(args.seed)
-    model = Jamba(**config).to(device)
+    model = Jamba(config).to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     step, history, best_val, elapsed_before = 0, [], float("inf"), 0.0
     if ckpt is not None:
@@ -293,12 +318,15 @@ def train_main(args, device):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
           f"{len(train_data):,} train / {len(val_data):,} val)")
-    print(f"model: Jamba layer_pattern={model.layer_pattern} ({n_params / 1e6:.2f}M parameters) on {device}, {dtype}")
+    experts = "" if "E" not in model.mlp_pattern else (
+        f" mlp_pattern={model.mlp_pattern} ({config.num_experts} experts, top-{config.num_experts_per_tok})")
+    print(f"model: Jamba layer_pattern={model.layer_pattern}{experts} ({n_params / 1e6:.2f}M parameters) on "
+          f"{device}, {dtype}")
     if step:
         print(f"resuming at step {step} of {args.max_iters} from {ckpt_path}")
 
     def checkpoint_state():
-        return {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "vocab": vocab,
+        return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "vocab": vocab,
                 "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
                 "data": data_identity,
                 "args": vars(args),
@@ -339,7 +367,10 @@ def train_main(args, device):
         step += 1
         tokens += x.numel()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        postfix = {"loss": f"{loss.item():.4f}", "tok_s": f"{tokens / (time.perf_counter() - start):.0f}"}
+        if model.aux_loss is not None:                              # the load-balancing term, K when balanced
+            postfix["balance"] = f"{model.aux_loss.item():.3f}"
+        bar.set_postfix(postfix)
         if step % args.eval_interval == 0 and step < args.max_iters:
             evaluate()
     bar.close()

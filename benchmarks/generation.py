@@ -28,7 +28,7 @@ def variants(n_layers):
 @torch.no_grad()
 def measure(model, context, new_tokens):
     """(median seconds per generated token, state bytes per sequence) after prefilling `context` tokens."""
-    prompt = torch.randint(0, model.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     logits, states = model.prefill(prompt)
     token = logits[:, -1].argmax(-1)
     state_bytes = sum(t.numel() * t.element_size() for state in states for t in state if torch.is_tensor(t))
