@@ -770,6 +770,15 @@ def test_interrupted_run_resumes_exactly(full_run, corpus, tmp_path):
     assert [(h["step"], h["train"], h["val"]) for h in actual["history"]] == strip
 
 
+def test_training_with_experts_shows_the_load_balancing_term(corpus, tmp_path):
+    result = train(tmp_path, corpus, "--max-iters", "12", "--num_experts", "4", "--num_experts_per_tok", "1",
+                   "--num_key_value_heads", "1")
+    assert "layer_pattern=MA mlp_pattern=DE (4 experts, top-1)" in result.stdout
+    assert "balance=" in result.stderr
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
+    assert config["num_experts"] == 4 and config["num_key_value_heads"] == 1
+
+
 def test_sample_from_checkpoint(full_run):
     out, _ = full_run
     result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
@@ -799,6 +808,8 @@ def test_bad_input_gets_one_line_and_overwrites_nothing(full_run, corpus, tmp_pa
         (["--data", str(corpus), *TINY_FLAGS, "--out", str(corrupt), "--resume"], "not a readable checkpoint"),
         (["--data", str(tmp_path / "other.txt"), *common, "--resume"], "trained on other data"),
         (["--data", str(corpus), *common, "--resume", "--d_model", "32"], "model config differs"),
+        (["--data", str(corpus), *common, "--num_experts", "2", "--num_experts_per_tok", "3"],
+         "num_experts_per_tok must be an int in [1, num_experts=2], got 3"),
         (["--sample", "--out", str(out), "--prompt", "XYZ"], "outside the vocabulary: 'XYZ'"),
         (["--sample", "--out", str(tmp_path / "nowhere")], "no checkpoint"),
         (["--data", str(corpus), *common, "--device", "banana"], "not a device name"),
