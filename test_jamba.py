@@ -5,6 +5,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import pty
+import termios
+import shutil
 import signal
 import subprocess
 import sys
@@ -770,13 +774,94 @@ def test_interrupted_run_resumes_exactly(full_run, corpus, tmp_path):
     assert [(h["step"], h["train"], h["val"]) for h in actual["history"]] == strip
 
 
-def test_training_with_experts_shows_the_load_balancing_term(corpus, tmp_path):
-    result = train(tmp_path, corpus, "--max-iters", "12", "--num_experts", "4", "--num_experts_per_tok", "1",
-                   "--num_key_value_heads", "1")
-    assert "layer_pattern=MA mlp_pattern=DE (4 experts, top-1)" in result.stdout
-    assert "balance=" in result.stderr
+def run_on_a_terminal(argv, timeout=120):
+    """train_tiny.py with its stderr on a pseudo-terminal, where the progress bar shows: (exit code, stdout, what
+    the terminal received)."""
+    leader, follower = pty.openpty()
+    termios.tcsetwinsize(follower, (24, 160))         # a new pseudo-terminal is 0 columns wide
+    process = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *argv], stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    received = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:                                 # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        received.append(chunk)
+    os.close(leader)
+    stdout = process.stdout.read().decode()
+    return process.wait(timeout), stdout, b"".join(received).decode(errors="replace")
+
+
+def test_progress_bar_counts_the_time_budget_and_shows_the_load_balancing_term(corpus, tmp_path):
+    code, stdout, terminal = run_on_a_terminal(["--data", str(corpus), "--out", str(tmp_path), *TINY_FLAGS,
+                                                "--max-iters", "1000000", "--time-budget", "3", "--num_experts", "4",
+                                                "--num_experts_per_tok", "1", "--num_key_value_heads", "1"])
+    assert code == 0, terminal[-2000:]
+    assert "layer_pattern=MA mlp_pattern=DE (4 experts, top-1)" in stdout and "load balance" in stdout
+    assert "/3 s [" in terminal and "balance=" in terminal and "1000000" not in terminal
     config = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
     assert config["num_experts"] == 4 and config["num_key_value_heads"] == 1
+
+
+def test_progress_bar_stays_out_of_a_log(full_run):
+    """With stderr piped to a file the bar is off: the log holds the evaluation lines, not a line per update."""
+    _, result = full_run
+    assert "\r" not in result.stderr and "it/s" not in result.stderr and "step/s" not in result.stderr
+    assert result.stdout.count("step ") >= 6
+
+
+def torchrun(out, corpus, *extra):
+    """train_tiny.py in 2 processes on this machine (gloo on CPU), as `torchrun --nproc_per_node=2` runs it."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             TRAIN_SCRIPT, "--data", str(corpus), "--out", str(out), *TINY_FLAGS, *extra],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_same_weights(out_a, out_b):
+    a, b = (torch.load(out / "ckpt.pt", weights_only=False) for out in (out_a, out_b))
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_each_rank_takes_its_own_share_of_every_batch():
+    starts = torch.arange(12)
+    for world_size, grad_accum in [(1, 1), (2, 1), (2, 3), (3, 2), (1, 4)]:
+        shares = [train_tiny.shard(starts, rank, world_size, grad_accum) for rank in range(world_size)]
+        assert all(share.shape == (grad_accum, 12 // (world_size * grad_accum)) for share in shares)
+        assert sorted(torch.cat([share.flatten() for share in shares]).tolist()) == list(range(12))
+
+
+def test_two_processes_train_like_one_with_the_same_batch(corpus, tmp_path):
+    """2 ranks, each taking half of every batch, and 1 process taking the batch in 2 parts (--grad-accum), end with
+    the weights of 1 process taking it whole; only rank 0 prints and writes."""
+    flags = ("--max-iters", "6", "--batch-size", "8", "--eval-interval", "3")
+    train(tmp_path / "one", corpus, *flags)
+    train(tmp_path / "accumulated", corpus, *flags, "--grad-accum", "2")
+    two = torchrun(tmp_path / "two", corpus, *flags)
+    assert two.stdout.count("model: Jamba") == 1 and "x 2 processes" in two.stdout
+    assert two.stdout.count("step 6: train") == 1 and "done: 6 steps" in two.stdout
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(tmp_path / "one", tmp_path / "accumulated")
+
+
+def test_two_processes_resume_a_mixture_of_experts(corpus, tmp_path):
+    """Experts that a rank's tokens never reach get zero gradients (DistributedDataParallel needs every one), and
+    a 2-rank run resumed from a checkpoint continues as 1 process resumed from it does. The load-balancing term
+    is off here: it is computed on each rank's half of the batch, so with it the two runs differ slightly."""
+    experts = ("--num_experts", "4", "--num_experts_per_tok", "1", "--router_aux_loss_coef", "0", "--batch-size", "8",
+               "--eval-interval", "3")
+    torchrun(tmp_path / "two", corpus, *experts, "--max-iters", "3")
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    resumed = torchrun(tmp_path / "two", corpus, *experts, "--max-iters", "6", "--resume")
+    assert "resuming at step 3 of 6" in resumed.stdout
+    train(tmp_path / "one", corpus, *experts, "--max-iters", "6", "--resume")
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
 def test_sample_from_checkpoint(full_run):
@@ -853,9 +938,38 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_at_the_end_of_the_run():
 # Benchmarks: each script runs in its smoke mode (tiny sizes) so that none can silently rot
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py"])
+@pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py"])
 def test_benchmark_smoke(script):
     path = Path(__file__).with_name("benchmarks") / script
     result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch" in result.stdout and "threads" in result.stdout   # the machine line
+
+
+def test_multi_query_recall_task():
+    """Distinct keys from the lower half of the vocabulary paired with distinct values from the upper half; every
+    key queried exactly once after the pairs, followed by its value; only the query positions are scored, with
+    the value paired to that key, and Jamba's loss ignores every other position."""
+    sys.path.insert(0, str(Path(__file__).with_name("benchmarks")))
+    from recall import multi_query_recall
+    b, l, K, V = 16, 64, 8, 128
+    idx, targets = multi_query_recall(b, l, K, V, torch.Generator().manual_seed(0))
+    assert idx.shape == targets.shape == (b, l) and idx.min() >= 0 and idx.max() < V
+    for row, target in zip(idx, targets):
+        keys, values = row[0:2 * K:2], row[1:2 * K:2]
+        assert len(set(keys.tolist())) == K and len(set(values.tolist())) == K
+        assert keys.max() < V // 2 <= values.min()
+        answer = dict(zip(keys.tolist(), values.tolist()))
+        scored = (target >= 0).nonzero().flatten()
+        assert len(scored) == K and scored.min() >= 2 * K and (scored % 2 == 0).all()
+        assert sorted(row[scored].tolist()) == sorted(keys.tolist())          # every key once
+        assert all(target[p] == answer[row[p].item()] == row[p + 1] for p in scored.tolist())
+        assert (target[target != -1] >= V // 2).all() and (target == -1).sum() == l - K
+    # Unscored positions do not count: the loss is the cross-entropy over the query positions alone.
+    model = Jamba(vocab_size=V, d_model=16, num_mamba_layers=1, num_transformer_layers=1, nhead=2,
+                  dim_feedforward=32, max_seq_length=l, d_state=4)
+    logits, loss = model(idx, targets)
+    scored = targets >= 0
+    torch.testing.assert_close(loss, F.cross_entropy(logits[scored], targets[scored]))
+    with pytest.raises(ValueError, match="8 pairs need a length of at least 32"):
+        multi_query_recall(1, 31, 8, V, torch.Generator())

@@ -4,6 +4,7 @@
     python train_tiny.py --data input.txt                 # any UTF-8 text file instead
     python train_tiny.py --resume                         # continue the run in --out exactly where it stopped
     python train_tiny.py --sample --prompt "def "         # generate from the checkpoint in --out
+    torchrun --nproc_per_node=2 train_tiny.py             # the same run in 2 processes (DistributedDataParallel)
 
 With no --data it trains on the Python standard library's own top-level modules (Lib/*.py of the running Python,
 sorted by file name, the first 2 MB): text that is on every machine with Python, so nothing is downloaded.
@@ -24,6 +25,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from JAMBA import Jamba, JambaConfig
@@ -71,7 +74,10 @@ def parse_args(argv):
             kind = {int: int, float: float, str: str}.get(field.type, _int_or_text)   # int | str, int | None
             model.add_argument(*names, type=kind, default=default, help=MODEL_HELP.get(field.name, "as in JambaConfig"))
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step, over all "
+                       "processes and --grad-accum parts together")
+    train.add_argument("--grad-accum", type=int, default=1, help="split each batch into this many parts, one "
+                       "forward and backward each (for a batch larger than memory holds)")
     train.add_argument("--block-size", type=int, default=128, help="characters per training sequence")
     train.add_argument("--max-iters", type=int, default=1500, help="training steps; the learning-rate schedule "
                        "spans them (with --time-budget, set it high: the run stops at whichever comes first)")
@@ -89,7 +95,8 @@ def parse_args(argv):
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=None)
     args = p.parse_args(argv)
-    for name in ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "max_new_tokens"):
+    for name in ("batch_size", "grad_accum", "block_size", "max_iters", "eval_interval", "eval_iters",
+                 "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0 or args.warmup_iters < 0:
@@ -150,12 +157,23 @@ def split_data(text, vocab, block_size):
     return train, val
 
 
-def get_batch(data, batch_size, block_size, generator, device):
-    """Random windows of the data: x (b, l) and the next characters y (b, l)."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+def windows(data, starts, block_size, device):
+    """The windows of the data at starts: x (b, l) and the next characters y (b, l)."""
     x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
     y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
     return x.to(device), y.to(device)
+
+
+def shard(starts, rank, world_size, grad_accum):
+    """This rank's share of a batch's window starts (b,), in grad_accum parts: (grad_accum, b / (world_size *
+    grad_accum)). The shares of all ranks are disjoint and together make the batch."""
+    return starts.view(world_size, grad_accum, -1)[rank]
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """Random windows of the data: x (b, l) and the next characters y (b, l)."""
+    return windows(data, torch.randint(len(data) - block_size, (batch_size,), generator=generator), block_size,
+                   device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +209,19 @@ def pick_device(name):
     if not available:
         raise UsageError(f"--device {name}: not available on this machine")
     return device
+
+
+def start_processes(device_name):
+    """(device, world size): one process, or under torchrun (which sets WORLD_SIZE) a process group, gloo on CPU
+    and nccl on CUDA, where each rank takes the GPU of its LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, world_size
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -282,7 +313,10 @@ def sample_main(args, device):
     print(f"\n[{args.max_new_tokens} characters at {chars_per_second:.0f} chars/s on {device}]")
 
 
-def train_main(args, device):
+def train_main(args, device, rank=0, world_size=1):
+    """Train, evaluate and checkpoint; under torchrun every rank runs this, and rank 0 alone prints, evaluates,
+    writes checkpoints and samples."""
+    say = print if rank == 0 else (lambda *_, **__: None)
     ckpt_path = Path(args.out) / "ckpt.pt"
     text, data_identity = read_corpus(args.data)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -297,6 +331,9 @@ def train_main(args, device):
         if changed:
             raise UsageError(f"{ckpt_path}: model config differs from this command's (checkpoint, command): "
                              + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
+    if args.batch_size % (world_size * args.grad_accum):
+        raise UsageError(f"--batch-size {args.batch_size} must split evenly over {world_size} processes x "
+                         f"--grad-accum {args.grad_accum}")
     train_data, val_data = split_data(text, vocab, args.block_size)
 
     torch.manual_seed(args.seed)
@@ -312,24 +349,26 @@ def train_main(args, device):
         batch_generator.set_state(ckpt["rng"]["batches"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    # Several processes: DistributedDataParallel averages the gradients of their shards of every batch.
+    trained = model if world_size == 1 else DistributedDataParallel(model)
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
-          f"{len(train_data):,} train / {len(val_data):,} val)")
+    say(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
+        f"{len(train_data):,} train / {len(val_data):,} val)")
     experts = "" if "E" not in model.mlp_pattern else (
         f" mlp_pattern={model.mlp_pattern} ({config.num_experts} experts, top-{config.num_experts_per_tok})")
-    print(f"model: Jamba layer_pattern={model.layer_pattern}{experts} ({n_params / 1e6:.2f}M parameters) on "
-          f"{device}, {dtype}")
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    say(f"model: Jamba layer_pattern={model.layer_pattern}{experts} ({n_params / 1e6:.2f}M parameters) on "
+        f"{device}{processes}, {dtype}")
     if step:
-        print(f"resuming at step {step} of {args.max_iters} from {ckpt_path}")
+        say(f"resuming at step {step} of {args.max_iters} from {ckpt_path}")
 
     def checkpoint_state():
-        return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "vocab": vocab,
-                "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
-                "data": data_identity,
-                "args": vars(args),
+        return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "vocab": vocab, "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
+                "data": data_identity, "args": vars(args),
                 "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
@@ -342,62 +381,99 @@ def train_main(args, device):
         losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device, autocast)
         best_val = min(best_val, losses["val"])
         history.append({"step": step, "seconds": elapsed(), **losses})
+        balance = "" if model.aux_loss is None else f", load balance {model.aux_loss.item():.3f}"
         tqdm.write(f"step {step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} bpc), "
-                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} bpc)")
+                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} bpc){balance}")
         save_checkpoint(ckpt_path, checkpoint_state())
 
+    def agree(stop, seconds):
+        """Rank 0's stop decision and clock, for every rank: the learning rate follows the clock under
+        --time-budget, and all ranks must take the same steps."""
+        if world_size == 1:
+            return stop, seconds
+        shared = torch.tensor([float(stop), seconds], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        return bool(shared[0]), shared[1].item()
+
     interrupted = []
-    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))   # stop after this step
+    for signum in (signal.SIGINT, signal.SIGTERM):        # Ctrl-C, or torchrun stopping its workers: stop after this
+        signal.signal(signum, lambda signum, frame: interrupted.append(signum))   # step and save
     start, tokens = time.perf_counter(), 0
     model.train()
-    bar = tqdm(total=args.max_iters, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    while step < args.max_iters and not interrupted:
-        if args.time_budget is not None and elapsed() >= args.time_budget:
+    # The bar counts seconds under --time-budget (steps otherwise), only on a terminal: in a log, the evaluation
+    # lines tell the progress.
+    bar_args = (dict(total=round(args.time_budget), initial=round(elapsed_before), unit="s",
+                     bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
+                if args.time_budget is not None else dict(total=args.max_iters, initial=step, unit="step"))
+    bar = tqdm(**bar_args, dynamic_ncols=True, mininterval=1.0, disable=rank != 0 or not sys.stderr.isatty())
+    while step < args.max_iters:
+        stop, seconds = agree(bool(interrupted) or (args.time_budget is not None and elapsed() >= args.time_budget),
+                              elapsed())
+        if stop:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed(), args)
-        x, y = get_batch(train_data, args.batch_size, args.block_size, batch_generator, device)
-        with autocast:
-            _, loss = model(x, y)
+            group["lr"] = learning_rate(step, seconds, args)
+        # The whole batch's windows are drawn alike on every rank; each rank takes its share, in --grad-accum parts.
+        starts = torch.randint(len(train_data) - args.block_size, (args.batch_size,), generator=batch_generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro_losses = []
+        for i, part in enumerate(shard(starts, rank, world_size, args.grad_accum)):
+            x, y = windows(train_data, part, args.block_size, device)
+            last = i == args.grad_accum - 1
+            with (nullcontext() if last or world_size == 1 else trained.no_sync()), autocast:
+                _, loss = trained(x, y)
+            (loss / args.grad_accum).backward()            # gradients of the mean over the whole batch
+            micro_losses.append(loss.item())
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
-        tokens += x.numel()
-        bar.update(1)
-        postfix = {"loss": f"{loss.item():.4f}", "tok_s": f"{tokens / (time.perf_counter() - start):.0f}"}
+        tokens += args.batch_size * args.block_size
+        postfix = {"step": step, "loss": f"{sum(micro_losses) / len(micro_losses):.4f}",
+                   "tok_s": f"{tokens / (time.perf_counter() - start):.0f}"}
         if model.aux_loss is not None:                              # the load-balancing term, K when balanced
             postfix["balance"] = f"{model.aux_loss.item():.3f}"
-        bar.set_postfix(postfix)
-        if step % args.eval_interval == 0 and step < args.max_iters:
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1 if args.time_budget is None else round(elapsed()) - bar.n)
+        if step % args.eval_interval == 0 and step < args.max_iters and rank == 0:
             evaluate()
     bar.close()
     wall = time.perf_counter() - start
+    if rank != 0:
+        return 130 if interrupted else 0
     if interrupted:
         save_checkpoint(ckpt_path, checkpoint_state())
-        print(f"interrupted at step {step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
-              f"rerun the same command with --resume to continue")
+        say(f"interrupted at step {step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
+            f"rerun the same command with --resume to continue")
         return 130
     if not history or history[-1]["step"] != step:
         evaluate()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
-          f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} bpc); checkpoint {ckpt_path}")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    say(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
+        f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} bpc); checkpoint {ckpt_path}")
     text, chars_per_second = sample_text(model, vocab, args.prompt if set(args.prompt) <= set(vocab) else vocab[0],
                                          args, device)
-    print(f"--- sample ({chars_per_second:.0f} chars/s) ---\n{text}")
+    say(f"--- sample ({chars_per_second:.0f} chars/s) ---\n{text}")
     return 0
 
 
 def main(argv=None):
+    rank = int(os.environ.get("RANK", 0))
     try:
         args = parse_args(argv)
-        device = pick_device(args.device)
-        return sample_main(args, device) if args.sample else train_main(args, device)
+        if args.sample:
+            return sample_main(args, pick_device(args.device))
+        device, world_size = start_processes(args.device)
+        try:
+            return train_main(args, device, rank, world_size)
+        finally:
+            if world_size > 1:                         # rank 0 may still be evaluating and sampling: wait for it
+                dist.barrier()
+                dist.destroy_process_group()
     except UsageError as err:
-        print(f"train_tiny.py: error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"train_tiny.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("train_tiny.py: interrupted", file=sys.stderr)
