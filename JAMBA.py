@@ -860,7 +860,7 @@ _HF_DEFAULTS = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336,
 
 
 def _read_hf_config(path):
-    """(JambaConfig, safetensors files) of a JambaForCausalLM directory; every problem raises before a tensor is read."""
+    """(JambaConfig, safetensors files) of a JambaForCausalLM directory; any problem raises before a tensor is read."""
     if not path.is_dir():
         raise ValueError(f"path {str(path)!r} is not a directory: give the local directory of a Jamba checkpoint "
                          "(config.json and model.safetensors)")

@@ -453,7 +453,8 @@ def test_mamba_init_survives_model_construction():
     assert len(blocks) == 3
     for block in blocks:
         check_mamba_init(block)
-        assert block.inner_layernorms and {"dt_layernorm", "b_layernorm", "c_layernorm"} <= dict(block.named_children()).keys()
+        assert block.inner_layernorms
+        assert {"dt_layernorm", "b_layernorm", "c_layernorm"} <= dict(block.named_children()).keys()
     assert model.lm_head.weight is model.embedding.weight
     assert abs(model.embedding.weight.std().item() - 0.02) < 0.005
 
@@ -973,3 +974,28 @@ def test_multi_query_recall_task():
     torch.testing.assert_close(loss, F.cross_entropy(logits[scored], targets[scored]))
     with pytest.raises(ValueError, match="8 pairs need a length of at least 32"):
         multi_query_recall(1, 31, 8, V, torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The notebook
+# ---------------------------------------------------------------------------------------------------------------
+
+NOTEBOOK = Path(__file__).with_name("notebooks") / "Jamba_Hybrid_Mamba_Transformer_Arch.ipynb"
+
+
+def test_notebook_runs_from_a_clean_kernel():
+    """Every cell of the walkthrough runs in a new kernel (nbclient raises on the first error) and it draws."""
+    pytest.importorskip("nbclient", reason="running the notebook needs notebooks/requirements.txt (.ci/run "
+                        "installs it)")
+    sys.path.insert(0, str(NOTEBOOK.parent))
+    from execute import execute
+    notebook = execute(timeout=300)
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= 10
+
+
+def test_notebook_is_committed_with_its_outputs_and_small():
+    notebook = json.loads(NOTEBOOK.read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code and all(cell["outputs"] for cell in code), "run: python notebooks/execute.py"
+    assert NOTEBOOK.stat().st_size < 1_500_000

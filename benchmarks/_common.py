@@ -25,6 +25,17 @@ def machine():
             f"Python {platform.python_version()}")
 
 
+def active_parameters(model):
+    """Parameters one token passes through: all of them (a tied head counted once), except the experts its
+    router did not choose."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in model.layers:
+        if hasattr(layer.mlp, "experts"):
+            per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
+            total -= per_expert * (len(layer.mlp.experts) - layer.mlp.num_experts_per_tok)
+    return total
+
+
 def median_ms(fn, repeats):
     """Median wall time of fn() in milliseconds over `repeats` runs, after one warm-up run."""
     fn()

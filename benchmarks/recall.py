@@ -111,8 +111,8 @@ def main():
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3, help="the same for every variant")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sweep-pairs", type=int, nargs="*", default=[4, 8, 16])
     p.add_argument("--sweep-steps", type=int, default=1500)
@@ -141,8 +141,8 @@ def main():
             history = train(variant, argparse.Namespace(**{**vars(sweep_args), "length": length}), num_pairs, 0,
                             max(1, args.sweep_steps // 5))[1]
             sweep[variant, num_pairs] = history[-1][2]
-            print(f"sweep {num_pairs:3d} pairs (length {length}): {variant:12s} {100 * sweep[variant, num_pairs]:5.1f}%",
-                  flush=True)
+            print(f"sweep {num_pairs:3d} pairs (length {length}): {variant:12s} "
+                  f"{100 * sweep[variant, num_pairs]:5.1f}%", flush=True)
     lengths = {}
     for (variant, seed), (model, _) in runs.items():
         for length in args.eval_lengths:
@@ -159,8 +159,8 @@ def main():
         finals = [runs[variant, seed][1][-1][2] for seed in range(args.seeds)]
         seconds = [runs[variant, seed][1][-1][1] for seed in range(args.seeds)]
         params = sum(p.numel() for p in model.parameters())
-        rows.append([variant, model.layer_pattern, f"{params / 1e3:.0f}k", args.steps, f"{statistics.mean(seconds):.0f}",
-                     spread(finals)])
+        rows.append([variant, model.layer_pattern, f"{params / 1e3:.0f}k", args.steps,
+                     f"{statistics.mean(seconds):.0f}", spread(finals)])
     write_table("recall", f"Multi-query associative recall: vocabulary {args.vocab_size}, length {args.length}, "
                 f"{args.pairs} pairs, d_model {args.d_model}, d_state {args.d_state}, accuracy in % on held-out "
                 f"sequences, mean (min-max) over {args.seeds} seeds",
@@ -194,8 +194,9 @@ def main():
                  title=f"{args.pairs} pairs, length {args.length} (mean, min-max of {args.seeds} seeds)")
     ax_time.set(xlabel="wall-clock seconds of training", ylabel="recall accuracy (%)", ylim=(0, 102),
                 title="the same runs against time")
-    ax_pairs.set(xlabel="key-value pairs", ylabel="recall accuracy (%)", ylim=(0, 102), xscale="log", xticks=args.sweep_pairs,
-                 xticklabels=[str(k) for k in args.sweep_pairs], title=f"more pairs ({args.sweep_steps} steps, 1 seed)")
+    ax_pairs.set(xlabel="key-value pairs", ylabel="recall accuracy (%)", ylim=(0, 102), xscale="log",
+                 xticks=args.sweep_pairs, xticklabels=[str(k) for k in args.sweep_pairs],
+                 title=f"more pairs ({args.sweep_steps} steps, 1 seed)")
     save_figure(fig, (ax_steps, ax_time, ax_pairs), "recall", "Multi-query associative recall")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant in VARIANTS:

@@ -22,24 +22,13 @@ import time
 
 import torch
 
-from _common import machine, pyplot, save_figure, write_table
+from _common import active_parameters, machine, pyplot, save_figure, write_table
 from JAMBA import Jamba
 
 TINY = dict(vocab_size=101, d_model=128, nhead=4, dim_feedforward=256, d_state=8, expand=1)   # train_tiny.py's
 VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=4),
             "hybrid": dict(num_mamba_layers=3, num_transformer_layers=1),
             "mamba": dict(num_mamba_layers=4, num_transformer_layers=0)}
-
-
-def active_parameters(model):
-    """Parameters one token passes through: all of them, except the experts its router did not choose."""
-    total = sum(p.numel() for name, p in model.named_parameters() if name != "lm_head.weight" or
-                not model.config.tie_word_embeddings)
-    for layer in model.layers:
-        if hasattr(layer.mlp, "experts"):
-            per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
-            total -= per_expert * (len(layer.mlp.experts) - layer.mlp.num_experts_per_tok)
-    return total
 
 
 def step_timer(config, batch, length):
