@@ -668,7 +668,7 @@ class Jamba(nn.Module):
                                             c.attn_layer_offset)
         self.mlp_pattern = "".join("E" if c.num_experts > 1 and i % c.expert_layer_period == c.expert_layer_offset
                                    else "D" for i in range(len(self.layer_pattern)))
-        first_mamba = self.layer_pattern.find("M") % (len(self.layer_pattern) + 1)   # no Mamba: past the end
+        first_mamba = self.layer_pattern.index("M") if "M" in self.layer_pattern else len(self.layer_pattern)
 
         def mixer(i, kind):
             if kind == "M":
