@@ -6,7 +6,9 @@
 Three variants built from Jamba with the same width, depth and MLPs (about equal parameter counts): a plain
 transformer with rotary positions (AA), a plain Mamba (MM), and the hybrid (MA: a Mamba layer, then attention with
 no positional encoding, [Jamba] Section 6.5). Each is trained on multi-query associative recall (MQAR, Zoology:
-Arora et al., arXiv 2312.04927), drawn fresh at every step by multi_query_recall, and scored on held-out sequences:
+Arora et al., arXiv 2312.04927), drawn fresh at every step by multi_query_recall, and scored on held-out sequences.
+Each variant gets the best of the learning rates --lrs on seed 0 (as Zoology gives each model its best), then
+trains its other seeds at that rate.
   1. accuracy against training steps and wall-clock seconds at --length with --pairs key-value pairs, --seeds seeds;
   2. the same task with more pairs (--sweep-pairs) and one seed: where a small recurrent state runs out;
   3. the models of 1, trained at --length, evaluated at longer sequences (--eval-lengths) with the same number of
@@ -70,20 +72,20 @@ def recall_accuracy(model, length, num_pairs, vocab_size, sequences=256, seed=10
     return correct / (sequences * num_pairs)
 
 
-def train(variant, args, num_pairs, seed, eval_every):
+def train(variant, args, num_pairs, seed, eval_every, lr):
     """Train one model on fresh MQAR batches: (model, history of (step, seconds, accuracy))."""
     torch.manual_seed(seed)
     model = Jamba(vocab_size=args.vocab_size, d_model=args.d_model, nhead=4, dim_feedforward=2 * args.d_model,
                   max_seq_length=max(args.eval_lengths + [args.length]), d_state=args.d_state, expand=1,
                   **VARIANTS[variant])
-    optimizer = make_optimizer(model, args.lr, 0.1)
+    optimizer = make_optimizer(model, lr, 0.1)
     generator = torch.Generator().manual_seed(seed)
     history, seconds = [], 0.0
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         warmup = min(1.0, step / (0.1 * args.steps))
         for group in optimizer.param_groups:       # linear warm-up over 10% of the steps, cosine decay to lr/10
-            group["lr"] = args.lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+            group["lr"] = lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
         idx, targets = multi_query_recall(args.batch_size, args.length, num_pairs, args.vocab_size, generator)
         _, loss = model(idx, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -112,7 +114,8 @@ def main():
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3, help="the same for every variant")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                   help="peak learning rates tried on seed 0; each variant keeps its best")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sweep-pairs", type=int, nargs="*", default=[4, 8, 16])
     p.add_argument("--sweep-steps", type=int, default=1500)
@@ -126,20 +129,27 @@ def main():
     print(f"MQAR: vocab {args.vocab_size}, length {args.length}, {args.pairs} pairs, d_model {args.d_model}, "
           f"d_state {args.d_state}, 2 layers, {args.steps} steps of {args.batch_size}; {machine()}", flush=True)
 
-    runs = {}                                      # (variant, seed) -> (model, history)
-    for seed in range(args.seeds):
-        for variant in VARIANTS:
-            runs[variant, seed] = train(variant, args, args.pairs, seed, eval_every)
+    runs, tried, best_lr = {}, {}, {}              # (variant, seed) -> (model, history); (variant, lr) -> accuracy
+    for variant in VARIANTS:
+        for lr in args.lrs:
+            run = train(variant, args, args.pairs, 0, eval_every, lr)
+            tried[variant, lr] = run[1][-1][2]
+            print(f"{variant:12s} seed 0, lr {lr:g}: accuracy {100 * tried[variant, lr]:5.1f}% after {args.steps} "
+                  f"steps, {run[1][-1][1]:.0f} s", flush=True)
+            if variant not in best_lr or tried[variant, lr] > tried[variant, best_lr[variant]]:
+                best_lr[variant], runs[variant, 0] = lr, run
+        for seed in range(1, args.seeds):
+            runs[variant, seed] = train(variant, args, args.pairs, seed, eval_every, best_lr[variant])
             step, seconds, accuracy = runs[variant, seed][1][-1]
-            print(f"{variant:12s} seed {seed}: accuracy {100 * accuracy:5.1f}% after {step} steps, {seconds:.0f} s",
-                  flush=True)
+            print(f"{variant:12s} seed {seed}, lr {best_lr[variant]:g}: accuracy {100 * accuracy:5.1f}% after {step} "
+                  f"steps, {seconds:.0f} s", flush=True)
     sweep = {}
     sweep_args = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps})
     for num_pairs in args.sweep_pairs:
         length = max(args.length, 4 * num_pairs)
         for variant in VARIANTS:
             history = train(variant, argparse.Namespace(**{**vars(sweep_args), "length": length}), num_pairs, 0,
-                            max(1, args.sweep_steps // 5))[1]
+                            max(1, args.sweep_steps // 5), best_lr[variant])[1]
             sweep[variant, num_pairs] = history[-1][2]
             print(f"sweep {num_pairs:3d} pairs (length {length}): {variant:12s} "
                   f"{100 * sweep[variant, num_pairs]:5.1f}%", flush=True)
@@ -160,11 +170,13 @@ def main():
         seconds = [runs[variant, seed][1][-1][1] for seed in range(args.seeds)]
         params = sum(p.numel() for p in model.parameters())
         rows.append([variant, model.layer_pattern, f"{params / 1e3:.0f}k", args.steps,
-                     f"{statistics.mean(seconds):.0f}", spread(finals)])
+                     f"{statistics.mean(seconds):.0f}", f"{best_lr[variant]:g}",
+                     ", ".join(f"{100 * tried[variant, lr]:.1f} at {lr:g}" for lr in args.lrs), spread(finals)])
     write_table("recall", f"Multi-query associative recall: vocabulary {args.vocab_size}, length {args.length}, "
                 f"{args.pairs} pairs, d_model {args.d_model}, d_state {args.d_state}, accuracy in % on held-out "
                 f"sequences, mean (min-max) over {args.seeds} seeds",
-                ["variant", "layers", "parameters", "steps", "seconds", "accuracy %"], rows)
+                ["variant", "layers", "parameters", "steps", "seconds", "learning rate", "seed 0 at each rate %",
+                 "accuracy %"], rows)
     write_table("recall_pairs", f"More pairs to recall, one seed, {args.sweep_steps} steps; length "
                 f"max({args.length}, 4 x pairs); accuracy in %",
                 ["pairs"] + list(VARIANTS), [[k] + [f"{100 * sweep[v, k]:.1f}" for v in VARIANTS]

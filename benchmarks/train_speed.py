@@ -14,6 +14,8 @@ steps, so that a busy moment of a shared machine hits every variant alike.
      from which the hybrid trains faster than the transformer.
   3. Mixture of experts: the hybrid with 16 experts, top-2, in every other layer, against dense hybrids whose MLPs
      are as wide as the active experts (2 x dim_feedforward) and as wide as all 16 together.
+  4. Where a layer's time goes, at the default sizes: forward and backward of each block alone, and of the
+     selective scan alone on the Mamba block's shapes.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 import torch
 
 from _common import active_parameters, machine, pyplot, save_figure, write_table
-from JAMBA import Jamba
+from JAMBA import MLP, AttentionBlock, Jamba, MambaBlock, selective_scan_parallel
 
 TINY = dict(vocab_size=101, d_model=128, nhead=4, dim_feedforward=256, d_state=8, expand=1)   # train_tiny.py's
 VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=4),
@@ -46,6 +48,28 @@ def step_timer(config, batch, length):
         loss.backward()
         optimizer.step()
     return step, model
+
+
+def block_timers(tiny, batch, length):
+    """{name: a function that runs forward and backward of one block, or of the scan alone, at these sizes}."""
+    torch.manual_seed(0)
+    m, d, n = tiny["d_model"], tiny["expand"] * tiny["d_model"], tiny["d_state"]
+    x = torch.randn(batch, length, m, requires_grad=True)
+    blocks = {"attention block": AttentionBlock(m, tiny["nhead"], max_seq_length=length),
+              "Mamba block": MambaBlock(m, n, expand=tiny["expand"], inner_layernorms=True),
+              "MLP": MLP(m, tiny["dim_feedforward"])}
+    timers = {name: (lambda block=block: block(x).sum().backward()) for name, block in blocks.items()}
+    g = torch.Generator().manual_seed(0)
+    scan_inputs = dict(u=torch.randn(batch, d, length, generator=g), delta=torch.randn(batch, d, length, generator=g),
+                       A=-torch.rand(d, n, generator=g), B=torch.randn(batch, n, length, generator=g),
+                       C=torch.randn(batch, n, length, generator=g), D=torch.randn(d, generator=g),
+                       z=torch.randn(batch, d, length, generator=g), delta_bias=torch.randn(d, generator=g))
+
+    def scan():
+        inputs = {name: value.detach().requires_grad_() for name, value in scan_inputs.items()}
+        selective_scan_parallel(**inputs, delta_softplus=True).sum().backward()
+    timers["its selective scan alone"] = scan
+    return timers
 
 
 def time_in_turns(steps, repeats, warmup=2):
@@ -117,6 +141,11 @@ def main():
         moe_rows.append([name, model.mlp_pattern, f"{total / 1e6:.2f}M", f"{active_parameters(model) / 1e6:.2f}M",
                          f"{1e3 * seconds[name]:.1f}"])
         print(" | ".join(moe_rows[-1]), flush=True)
+    # 4. Where a layer's time goes.
+    seconds = time_in_turns(block_timers(tiny, batch, length), repeats)
+    block_rows = [[name, f"{1e3 * value:.1f}"] for name, value in seconds.items()]
+    for row in block_rows:
+        print(" | ".join(row), flush=True)
     if args.smoke:
         return
 
@@ -136,6 +165,9 @@ def main():
     write_table("train_speed_experts", f"Mixture of experts: training step of the hybrid at batch {batch} x "
                 f"context {length}, float32, CPU, median of {repeats} steps in turns",
                 ["MLPs", "mlp_pattern", "parameters", "active parameters per token", "ms/step"], moe_rows)
+    write_table("train_speed_blocks", f"Forward + backward of one block at batch {batch} x context {length}, "
+                f"d_model {tiny['d_model']}, d_state {tiny['d_state']}, expand {tiny['expand']}, float32, CPU, "
+                f"median of {repeats} in turns", ["block", "ms"], block_rows)
     plt = pyplot()
     if plt is None:
         return
