@@ -120,8 +120,11 @@ def main():
     p.add_argument("--sweep-pairs", type=int, nargs="*", default=[4, 8, 16])
     p.add_argument("--sweep-steps", type=int, default=1500)
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="train only these (a check of one variant: then no files are written)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no files written")
     args = p.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants}
     if args.smoke:
         args.d_model, args.steps, args.seeds, args.sweep_steps, args.batch_size = 16, 4, 1, 4, 8
         args.length, args.pairs, args.sweep_pairs, args.eval_lengths = 16, 2, [2, 4], [16, 32]
@@ -130,7 +133,7 @@ def main():
           f"d_state {args.d_state}, 2 layers, {args.steps} steps of {args.batch_size}; {machine()}", flush=True)
 
     runs, tried, best_lr = {}, {}, {}              # (variant, seed) -> (model, history); (variant, lr) -> accuracy
-    for variant in VARIANTS:
+    for variant in variants:
         for lr in args.lrs:
             run = train(variant, args, args.pairs, 0, eval_every, lr)
             tried[variant, lr] = run[1][-1][2]
@@ -147,7 +150,7 @@ def main():
     sweep_args = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps})
     for num_pairs in args.sweep_pairs:
         length = max(args.length, 4 * num_pairs)
-        for variant in VARIANTS:
+        for variant in variants:
             history = train(variant, argparse.Namespace(**{**vars(sweep_args), "length": length}), num_pairs, 0,
                             max(1, args.sweep_steps // 5), best_lr[variant])[1]
             sweep[variant, num_pairs] = history[-1][2]
@@ -159,8 +162,8 @@ def main():
             lengths.setdefault((variant, length), []).append(
                 recall_accuracy(model, length, args.pairs, args.vocab_size, sequences=128))
     for length in args.eval_lengths:
-        print(f"length {length:5d}: " + ", ".join(f"{v} {spread(lengths[v, length])}" for v in VARIANTS), flush=True)
-    if args.smoke:
+        print(f"length {length:5d}: " + ", ".join(f"{v} {spread(lengths[v, length])}" for v in variants), flush=True)
+    if args.smoke or len(variants) < len(VARIANTS):
         return
 
     rows = []
@@ -209,6 +212,7 @@ def main():
     ax_pairs.set(xlabel="key-value pairs", ylabel="recall accuracy (%)", ylim=(0, 102), xscale="log",
                  xticks=args.sweep_pairs, xticklabels=[str(k) for k in args.sweep_pairs],
                  title=f"more pairs ({args.sweep_steps} steps, 1 seed)")
+    ax_pairs.minorticks_off()
     save_figure(fig, (ax_steps, ax_time, ax_pairs), "recall", "Multi-query associative recall")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant in VARIANTS:
@@ -219,6 +223,7 @@ def main():
     ax.set(xscale="log", xlabel="sequence length at evaluation", ylabel="recall accuracy (%)", ylim=(0, 102),
            xticks=args.eval_lengths, xticklabels=[str(length) for length in args.eval_lengths],
            title=f"trained at {args.length}, {args.pairs} pairs at every length")
+    ax.minorticks_off()
     save_figure(fig, (ax,), "recall_length", "Recall beyond the training length")
 
 
