@@ -650,7 +650,7 @@ def test_from_pretrained_reads_shards_and_the_stacked_expert_layout(hf_checkpoin
 
 def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
-    _, path = hf_checkpoint("jamba")
+    hf_model, path = hf_checkpoint("jamba")
     tensors = load_file(path / "model.safetensors")
     config = json.loads((path / "config.json").read_text())
 
@@ -666,15 +666,22 @@ def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tm
     (tmp_path / "empty").mkdir()
     no_weights = checkpoint("no_weights")
     (no_weights / "model.safetensors").unlink()
+    bad_json = checkpoint("bad_json")
+    (bad_json / "config.json").write_text("{not json")
+    lost_shard = tmp_path / "lost_shard"
+    hf_model.save_pretrained(lost_shard, max_shard_size="20KB")
+    next(lost_shard.glob("*-of-*.safetensors")).unlink()
     cases = [
         (tmp_path / "nowhere", "is not a directory"),
         (tmp_path / "empty", "has no config.json"),
+        (bad_json, "config.json: not readable JSON"),
         (checkpoint("mamba", {"model_type": "mamba"}), "model_type is 'mamba', but only 'jamba'"),
         (checkpoint("gelu", {"hidden_act": "gelu"}), "{'hidden_act': 'gelu'} is not supported"),
         (checkpoint("top5", {"num_experts_per_tok": 5}), r"num_experts_per_tok must be an int in \[1, num_experts=4\]"),
         (checkpoint("heads", {"num_key_value_heads": 3}), "nhead must be a multiple of num_key_value_heads"),
         (checkpoint("nowhere_experts", {"expert_layer_period": 16, "expert_layer_offset": 9}), "places no layer"),
         (no_weights, "has neither model.safetensors nor model.safetensors.index.json"),
+        (lost_shard, "lists shards that are not in the directory"),
         (checkpoint("missing", tensor_changes={"model.layers.4.self_attn.k_proj.weight": None}),
          "no tensor 'model.layers.4.self_attn.k_proj.weight'"),
         (checkpoint("shape", tensor_changes={"model.layers.0.mamba.A_log": torch.zeros(64, 4)}),
