@@ -7,11 +7,11 @@ import json
 import math
 import os
 import pty
-import termios
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
