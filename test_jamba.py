@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import JAMBA
 import train_tiny
 from JAMBA import (MLP, AttentionBlock, Jamba, JambaConfig, MambaBlock, MixtureOfExperts, _rotary, layer_schedule,
-                   load_balancing_loss, selective_scan_parallel, selective_scan_sequential)
+                   load_balancing_loss, selective_scan_sequential)
 
 settings.register_profile("jamba", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("jamba")
@@ -62,9 +63,36 @@ def assert_relative(actual, expected, tol, what):
     assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3e} vs scale {scale:.3e}"
 
 
-scan_shapes = st.tuples(st.integers(1, 3), st.integers(1, 8), st.integers(1, 8), st.integers(1, 300))
+# Lengths on and around the fused kernel's chunk of 32 steps, widths on and around its block of 64 channels.
+scan_lengths = st.one_of(st.integers(1, 300), st.sampled_from([31, 32, 33, 63, 64, 65, 96, 97]))
+scan_shapes = st.tuples(st.integers(1, 3), st.one_of(st.integers(1, 8), st.sampled_from([63, 64, 65])),
+                        st.integers(1, 8), scan_lengths)
 scan_flags = st.fixed_dictionaries(dict(with_D=st.booleans(), with_z=st.booleans(), with_bias=st.booleans(),
                                         with_state=st.booleans(), delta_softplus=st.booleans()))
+
+
+def require_fused():
+    """Skip, saying why, where the fused kernel cannot be built; CI sets JAMBA_REQUIRE_FUSED=1 so that it fails."""
+    reason = JAMBA._fused_library()
+    if isinstance(reason, str):
+        if os.environ.get("JAMBA_REQUIRE_FUSED"):
+            pytest.fail(f"JAMBA_REQUIRE_FUSED is set, but the fused kernel is not available: {reason}")
+        pytest.skip(f"the fused selective scan is not available here: {reason}")
+
+
+@pytest.fixture(scope="session", params=["parallel", "fused"])
+def fast_scan(request):
+    """Each of the two fast scans, which must equal the sequential one."""
+    if request.param == "fused":
+        require_fused()
+    return JAMBA._SCANS[request.param]
+
+
+@pytest.fixture(scope="session", params=["sequential", "parallel", "fused"])
+def any_scan(request):
+    if request.param == "fused":
+        require_fused()
+    return JAMBA._SCANS[request.param]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,11 +102,11 @@ scan_flags = st.fixed_dictionaries(dict(with_D=st.booleans(), with_z=st.booleans
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @given(shape=scan_shapes, flags=scan_flags, seed=st.integers(0, 2 ** 16))
 @settings(max_examples=80)
-def test_parallel_scan_equals_sequential_with_gradients(dtype, tol, shape, flags, seed):
+def test_fast_scans_equal_sequential_with_gradients(fast_scan, dtype, tol, shape, flags, seed):
     delta_softplus = flags.pop("delta_softplus")
     inputs = make_scan_inputs(seed, *shape, dtype, **flags)
     expected = scan_and_grads(selective_scan_sequential, inputs, delta_softplus=delta_softplus)
-    actual = scan_and_grads(selective_scan_parallel, inputs, delta_softplus=delta_softplus)
+    actual = scan_and_grads(fast_scan, inputs, delta_softplus=delta_softplus)
     assert actual[0].dtype == dtype and actual[1].shape == (shape[0], shape[1], shape[2])
     assert_relative(actual[0], expected[0], tol, "out")
     assert_relative(actual[1], expected[1], tol, "last_state")
@@ -86,46 +114,53 @@ def test_parallel_scan_equals_sequential_with_gradients(dtype, tol, shape, flags
         assert_relative(actual[2][name], expected[2][name], tol, f"grad of {name}")
 
 
-@pytest.mark.parametrize("scan", [selective_scan_sequential, selective_scan_parallel])
+@pytest.mark.parametrize("l", [1, 5, 33, 70])
+def test_fast_scans_pass_gradcheck(fast_scan, l):
+    """torch.autograd.gradcheck in float64: the hand-written backward against finite differences, every input."""
+    inputs = make_scan_inputs(l, 2, 3, 2, l, torch.float64, with_state=True)
+    names = list(inputs)
+
+    def scan(*tensors):
+        return fast_scan(**dict(zip(names, tensors)), delta_softplus=True, return_last_state=True)
+    assert torch.autograd.gradcheck(scan, tuple(inputs.values()))
+
+
 @given(l=st.integers(2, 120), data=st.data(), seed=st.integers(0, 2 ** 16))
-def test_split_sequence_carries_state(scan, l, data, seed):
+def test_split_sequence_carries_state(any_scan, l, data, seed):
     split = data.draw(st.integers(1, l - 1))
     inputs = {k: v.detach() for k, v in make_scan_inputs(seed, 2, 3, 4, l, torch.float64, with_state=True).items()}
-    whole, whole_state = scan(**inputs, delta_softplus=True, return_last_state=True)
+    whole, whole_state = any_scan(**inputs, delta_softplus=True, return_last_state=True)
     first = {k: v[..., :split] if v.dim() == 3 and k != "initial_state" else v for k, v in inputs.items()}
     second = {k: v[..., split:] if v.dim() == 3 and k != "initial_state" else v for k, v in inputs.items()}
-    out1, state1 = scan(**first, delta_softplus=True, return_last_state=True)
-    out2, state2 = scan(**{**second, "initial_state": state1}, delta_softplus=True, return_last_state=True)
+    out1, state1 = any_scan(**first, delta_softplus=True, return_last_state=True)
+    out2, state2 = any_scan(**{**second, "initial_state": state1}, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(torch.cat([out1, out2], dim=-1), whole, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state2, whole_state, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("scan", [selective_scan_sequential, selective_scan_parallel])
 @pytest.mark.parametrize("l", [1, 37, 256])
-def test_scan_finite_at_extremes(scan, l):
+def test_scan_finite_at_extremes(any_scan, l):
     """delta up to 1e2 and A down to -1e3: every decay exp(delta A) underflows to 0, nothing overflows."""
     inputs = make_scan_inputs(0, 2, 4, 8, l, torch.float32, with_state=True, delta_scale=100.0, A_scale=1000.0)
     with torch.no_grad():
         inputs["delta"][0, 0] = 100.0
         inputs["A"][0] = -1000.0
-    out, state, grads = scan_and_grads(scan, inputs)
+    out, state, grads = scan_and_grads(any_scan, inputs)
     assert torch.isfinite(out).all() and torch.isfinite(state).all()
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
 
 
-@pytest.mark.parametrize("scan", [selective_scan_sequential, selective_scan_parallel])
-def test_bf16_inputs_give_bf16_outputs_close_to_fp32(scan):
+def test_bf16_inputs_give_bf16_outputs_close_to_fp32(any_scan):
     inputs = {k: v.detach() for k, v in make_scan_inputs(3, 2, 8, 4, 64, torch.float32).items()}
-    expected = scan(**inputs, delta_softplus=True)
-    out = scan(**{k: v.bfloat16() for k, v in inputs.items()}, delta_softplus=True)
+    expected = any_scan(**inputs, delta_softplus=True)
+    out = any_scan(**{k: v.bfloat16() for k, v in inputs.items()}, delta_softplus=True)
     assert out.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: inputs rounded to it move the result by a few parts in a thousand.
     assert_relative(out.float(), expected, 3e-2, "bf16 out")
 
 
-@pytest.mark.parametrize("scan", [selective_scan_sequential, selective_scan_parallel])
-def test_scan_rejects_bad_arguments(scan):
+def test_scan_rejects_bad_arguments(any_scan):
     good = {k: v.detach() for k, v in make_scan_inputs(0, 2, 3, 4, 5, torch.float32, with_state=True).items()}
     bad_cases = [
         (dict(u=good["u"][0]), ValueError, "u must have shape"),
@@ -140,27 +175,89 @@ def test_scan_rejects_bad_arguments(scan):
         (dict(u=good["u"][..., :0], delta=good["delta"][..., :0], B=good["B"][..., :0], C=good["C"][..., :0],
               z=good["z"][..., :0]), ValueError, "at least one time step"),
     ]
+    if any_scan is JAMBA.selective_scan_fused:           # it reads raw memory: CPU tensors only
+        bad_cases.append((dict(C=good["C"].to("meta")), ValueError,
+                          r"runs on CPU tensors, got tensors on \['cpu', 'meta'\]"))
     for change, error, message in bad_cases:
         with pytest.raises(error, match=message):
-            scan(**{**good, **change})
+            any_scan(**{**good, **change})
+
+
+def run_python(code, **env):
+    """code in a fresh Python process with these environment variables: (exit status, stdout, stderr)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env}, cwd=Path(__file__).parent)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_fused_kernel_builds_once_and_says_so(tmp_path):
+    """The first use compiles and says so before it starts; a second process reuses the build, silently."""
+    require_fused()
+    code = ("import torch; from JAMBA import MambaBlock, selective_scan_fused as s; b = MambaBlock(8)\n"
+            "for _ in range(3): b(torch.randn(1, 5, 8))\n"
+            "print(s(torch.randn(1, 2, 3), torch.rand(1, 2, 3), -torch.rand(2, 4), torch.randn(1, 4, 3), "
+            "torch.randn(1, 4, 3)).shape)")
+    first = run_python(code, XDG_CACHE_HOME=str(tmp_path))
+    assert first[0] == 0 and first[1] == "torch.Size([1, 2, 3])\n", first[2]
+    assert first[2].count("\n") == 1 and first[2].startswith("JAMBA: compiling the fused selective scan, once (")
+    assert len(list((tmp_path / "jamba").glob("selective_scan_*.so"))) == 1
+    assert run_python(code, XDG_CACHE_HOME=str(tmp_path)) == (0, "torch.Size([1, 2, 3])\n", "")
+
+
+def test_without_a_compiler_auto_uses_the_parallel_scan_and_says_so_once(tmp_path):
+    code = ("import torch, JAMBA; b = JAMBA.MambaBlock(8); x = torch.randn(1, 5, 8)\n"
+            "for _ in range(3): b(x)\n"
+            "assert JAMBA._scan_function('auto', x.device) is JAMBA.selective_scan_parallel\n"
+            "b.scan = 'fused'\n"
+            "try: b(x)\n"
+            "except RuntimeError as err: print(err)")
+    status, stdout, stderr = run_python(code, CXX="/nowhere/c++", XDG_CACHE_HOME=str(tmp_path))
+    assert status == 0, stderr
+    assert stderr == ("JAMBA: the fused selective scan is not available: the compiler CXX='/nowhere/c++' was not "
+                      "found; scan='auto' uses the parallel scan\n")
+    assert stdout == "the fused selective scan is not available here: the compiler CXX='/nowhere/c++' was not found\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_mamba_block_parallel_scan_equals_sequential():
+@pytest.mark.parametrize("d_model", [16, 70])
+def test_mamba_block_fast_scans_equal_sequential(fast_scan, d_model):
+    """The whole block (with the fused scan, its causal conv kernel too): outputs, states and every gradient."""
     torch.manual_seed(0)
-    block = MambaBlock(16, d_state=4, inner_layernorms=True).double()
-    x = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
-    out_parallel = block(x)
-    grads_parallel = torch.autograd.grad(out_parallel.sum(), [x, *block.parameters()])
-    block.scan = "sequential"
-    out_sequential = block(x)
-    grads_sequential = torch.autograd.grad(out_sequential.sum(), [x, *block.parameters()])
-    torch.testing.assert_close(out_parallel, out_sequential, rtol=1e-10, atol=1e-10)
-    for gp, gs in zip(grads_parallel, grads_sequential):
-        torch.testing.assert_close(gp, gs, rtol=1e-9, atol=1e-10)
+    block = MambaBlock(d_model, d_state=4, d_conv=3, inner_layernorms=True).double()
+    x = torch.randn(2, 33, d_model, dtype=torch.float64, requires_grad=True)
+    results = []
+    for scan in (fast_scan.__name__.removeprefix("selective_scan_"), "sequential"):
+        block.scan = scan
+        out, state = block(x, return_state=True)
+        results.append((out, *state, *torch.autograd.grad(out.sin().sum(), [x, *block.parameters()])))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inner_layernorms", [True, False])
+def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
+    """step() in one call of the fused library gives step()'s arithmetic done in small torch operations."""
+    require_fused()
+    torch.manual_seed(0)
+    block = MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms).to(dtype)
+    x = torch.randn(3, 10, 24, dtype=dtype)
+    results = []
+    with torch.no_grad():
+        for scan in ("fused", "parallel"):                # the parallel setting steps with torch operations
+            block.scan = scan
+            _, state = block(x[:, :4], return_state=True)
+            outs = []
+            for t in range(4, 10):
+                out, state = block.step(x[:, t], state)
+                outs.append(out)
+            results.append((torch.stack(outs, 1), *state))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
 @given(l=st.integers(1, 20), prompt=st.integers(1, 20), seed=st.integers(0, 2 ** 16))
@@ -404,6 +501,21 @@ def test_cached_path_equals_full_forward(variant):
             step_logits, states = model.step(idx[:, t], states)
             steps.append(step_logits[:, None])
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "jamba"])
+def test_model_gives_the_same_loss_and_gradients_with_every_scan(fast_scan, variant):
+    model = tiny_jamba(**MODEL_VARIANTS[variant], max_seq_length=40).double()
+    idx = torch.randint(0, 11, (2, 40), generator=torch.Generator().manual_seed(5))
+    results = []
+    for scan in (fast_scan.__name__.removeprefix("selective_scan_"), "sequential"):
+        for layer in model.layers:
+            if isinstance(layer.mixer, MambaBlock):
+                layer.mixer.scan = scan
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        results.append((logits, *torch.autograd.grad(loss, list(model.parameters()))))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
