@@ -10,7 +10,7 @@ References, open them beside this file:
   Jamba.from_pretrained loads its checkpoints; test_jamba.py checks the logits against it.
 
 Reading order (each piece depends only on those above it):
-  selective scans (sequential, then parallel) -> MambaBlock -> AttentionBlock -> MLP, then MixtureOfExperts
+  selective scans (sequential, parallel, fused) -> MambaBlock -> AttentionBlock -> MLP, then MixtureOfExperts
   -> layer plan and JambaConfig -> Jamba model -> generation -> loading a released checkpoint.
 
 Glossary: the letters used in every shape comment.
@@ -20,7 +20,7 @@ Glossary: the letters used in every shape comment.
   k  d_conv, the causal conv width  v  vocab_size
   h  attention heads (nhead)        e  head size, m // h
   g  key/value heads (GQA)          s  cache slots, up to max_seq_length
-  t  tokens, b * l flattened        c  a block of channels inside the parallel scan
+  t  tokens, b * l flattened        c  a block of channels inside the parallel and fused scans
   E  num_experts                    K  num_experts_per_tok, the router's top-K
 Paper symbols: Delta (here `delta`), A, B, C, D as in [Mamba] Section 2 and Algorithm 2; `dA` is
 A-bar = exp(Delta A) and `dBu` is B-bar u = Delta B u, both of Eq. (4).
@@ -76,7 +76,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Both scans' common start: upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
+    """The sequential and parallel scans' common start (the fused one's too): upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
     delta = softplus(delta + delta_bias) as the reference does."""
     compute = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
@@ -88,7 +88,7 @@ def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
 
 
 def _scan_output(y, u, D, z, dtype_in):
-    """Both scans' common end: the skip connection D u of Algorithm 2 and the gate silu(z) of Figure 3."""
+    """The sequential and parallel scans' common end (the fused kernel does it inside): the skip connection D u of Algorithm 2 and the gate silu(z) of Figure 3."""
     if D is not None:
         y = y + D.to(y.dtype)[:, None] * u
     if z is not None:
@@ -165,13 +165,17 @@ def _scan_backward_(a, x):
     x[1 - s:l - 1:2].addcmul_(a[1 - s:l - 1:2], x[2 - s::2])
 
 
-# Channels per block are chosen so that one (l, b, c, n) float32 tensor is about 4 MB: the handful of them that a
-# block needs stay in the CPU's cache and are reused by the allocator, instead of faulting in fresh pages.
+# On a CPU, channels per block are chosen so that one (l, b, c, n) float32 tensor is about 4 MB: the handful of them
+# that a block needs stay in cache and are reused by the allocator, instead of faulting in fresh pages.
 _BLOCK_ELEMENTS = 2 ** 20
 
 
-def _channel_blocks(b, d, l, n):
-    c = max(1, _BLOCK_ELEMENTS // (b * l * n))
+def _channel_blocks(b, d, l, n, device):
+    """Slices of the d channels, one block each. A GPU has no cache of that size to fit, and each block costs a
+    few dozen kernel launches, so there a block may take a 64th of the free memory per (l, b, c, n) tensor (about
+    six are alive at once): a wide layer is then one block or a few, not thousands of tiny kernels."""
+    elements = torch.cuda.mem_get_info(device)[0] // 256 if device.type == "cuda" else _BLOCK_ELEMENTS
+    c = max(1, elements // (b * l * n))
     return [slice(i, min(i + c, d)) for i in range(0, d, c)]
 
 
@@ -198,7 +202,7 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         B, C = B.permute(2, 0, 1).contiguous(), C.permute(2, 0, 1).contiguous()           # (l, b, n)
         y = u.new_empty(l, b, d)                                      # (l, b, d)
         last_state = u.new_empty(b, d, n)                             # (b, d, n)
-        for ch in _channel_blocks(b, d, l, n):
+        for ch in _channel_blocks(b, d, l, n, u.device):
             h, _ = _block_states(u[:, :, ch], delta[:, :, ch], A[ch], B, h0[:, ch])   # (l, b, c, n)
             last_state[:, ch] = h[-1]
             y[:, :, ch] = torch.linalg.vecdot(h, C.unsqueeze(2))      # (l, b, c)      Eq. (2b)
@@ -217,7 +221,7 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)   # (l, b, d)
         grad_A, grad_h0 = torch.empty_like(A), torch.empty_like(h0)         # (d, n), (b, d, n)
         grad_B, grad_C = torch.zeros_like(B), torch.zeros_like(C)           # (l, b, n)
-        for ch in _channel_blocks(b, d, l, n):
+        for ch in _channel_blocks(b, d, l, n, u.device):
             u_c, delta_c, A_c, gy_c = u[:, :, ch], delta[:, :, ch], A[ch], grad_y[:, :, ch]   # (l, b, c), (c, n)
             h, dA = _block_states(u_c, delta_c, A_c, B, h0[:, ch])    # (l, b, c, n)   recomputed, not stored
 

@@ -218,6 +218,15 @@ def test_without_a_compiler_auto_uses_the_parallel_scan_and_says_so_once(tmp_pat
     assert stdout == "the fused selective scan is not available here: the compiler CXX='/nowhere/c++' was not found\n"
 
 
+def test_parallel_scan_blocks_by_cache_on_cpu_and_by_free_memory_on_a_gpu(monkeypatch):
+    """On a CPU a block's (l, b, c, n) tensor is about 4 MB; on CUDA a 64th of the free memory (here 64 GiB free),
+    so a wide, long layer is one block instead of hundreds of launches."""
+    cpu = JAMBA._channel_blocks(4, 4096, 1024, 16, torch.device("cpu"))
+    assert len(cpu) == 256 and all(block.stop - block.start == 16 for block in cpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 * 2 ** 30, 80 * 2 ** 30))
+    assert JAMBA._channel_blocks(4, 4096, 1024, 16, torch.device("cuda")) == [slice(0, 4096)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------
@@ -984,6 +993,21 @@ def test_two_processes_resume_a_mixture_of_experts(corpus, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path):
+    """--dtype float16 (for GPUs without bf16), here on the CPU: float16 autocast, the loss scaled up before
+    backward and the gradients down before the step; the scaler's state is in the checkpoint, so resume is exact."""
+    flags = ("--dtype", "float16", "--eval-interval", "5")
+    whole = train(tmp_path / "whole", corpus, *flags, "--max-iters", "10")
+    assert "float16" in whole.stdout and "done: 10 steps" in whole.stdout
+    train(tmp_path / "resumed", corpus, *flags, "--max-iters", "5")
+    train(tmp_path / "resumed", corpus, *flags, "--max-iters", "10", "--resume")
+    expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("whole", "resumed"))
+    assert expected["scaler"]["scale"] == actual["scaler"]["scale"] > 1
+    assert expected["history"][-1]["val"] < math.log(len(expected["vocab"]))
+    for key, value in expected["model"].items():
+        assert torch.equal(actual["model"][key], value), key
+
+
 def test_sample_from_checkpoint(full_run):
     out, _ = full_run
     result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
@@ -1058,7 +1082,8 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_at_the_end_of_the_run():
 # Benchmarks: each script runs in its smoke mode (tiny sizes) so that none can silently rot
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py"])
+@pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py",
+                                    "gpu_check.py"])
 def test_benchmark_smoke(script):
     path = Path(__file__).with_name("benchmarks") / script
     result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=120)

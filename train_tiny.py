@@ -58,8 +58,9 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--sample", action="store_true", help="only generate from --out/ckpt.pt")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="bfloat16 autocast; auto = bfloat16 on cuda, float32 elsewhere")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="bfloat16 or float16 autocast (float16 with a gradient scaler, for GPUs without bfloat16); "
+                        "auto = bfloat16 on cuda, float32 elsewhere")
     p.add_argument("--seed", type=int, default=1337)
     model = p.add_argument_group("model: JambaConfig's fields, named as in the Jamba constructor")
     for field in dataclasses.fields(JambaConfig):
@@ -352,7 +353,12 @@ def train_main(args, device, rank=0, world_size=1):
     # Several processes: DistributedDataParallel averages the gradients of their shards of every batch.
     trained = model if world_size == 1 else DistributedDataParallel(model)
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    # float16's narrow range would flush small gradients to zero: the loss is scaled up before backward and the
+    # gradients down before the step, the scale adapting to stay clear of overflow.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if ckpt is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
@@ -368,7 +374,7 @@ def train_main(args, device, rank=0, world_size=1):
     def checkpoint_state():
         return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "vocab": vocab, "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
-                "data": data_identity, "args": vars(args),
+                "data": data_identity, "args": vars(args), "scaler": scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
@@ -422,11 +428,13 @@ def train_main(args, device, rank=0, world_size=1):
             last = i == args.grad_accum - 1
             with (nullcontext() if last or world_size == 1 else trained.no_sync()), autocast:
                 _, loss = trained(x, y)
-            (loss / args.grad_accum).backward()            # gradients of the mean over the whole batch
+            scaler.scale(loss / args.grad_accum).backward()   # gradients of the mean over the whole batch
             micro_losses.append(loss.item())
+        scaler.unscale_(optimizer)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)                             # skipped if float16 gradients overflowed
+        scaler.update()
         step += 1
         tokens += args.batch_size * args.block_size
         postfix = {"step": step, "loss": f"{sum(micro_losses) / len(micro_losses):.4f}",

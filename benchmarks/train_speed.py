@@ -8,14 +8,15 @@ A step is forward, backward and AdamW on random tokens, float32, CPU. Variants a
 process, in turns (variant 1, 2, 3, 1, 2, 3, ...), and each figure is the median of --repeats steps after warm-up
 steps, so that a busy moment of a shared machine hits every variant alike.
   1. At train_tiny.py's default sizes (d_model 128, 4 layers, d_state 8, expand 1) and three batch x context
-     shapes: milliseconds per step, tokens per second, and tokens per second relative to the transformer.
+     shapes: milliseconds per step, tokens per second, and tokens per second relative to the transformer; the
+     hybrid also with the pure-PyTorch parallel scan instead of the fused kernel (scan="parallel"), for comparison.
   2. Against context length, with the same number of tokens in every step (--tokens-per-step): the training
      time per token. Attention costs grow with the context, Mamba's do not; the table names the shortest context
      from which the hybrid trains faster than the transformer.
   3. Mixture of experts: the hybrid with 16 experts, top-2, in every other layer, against dense hybrids whose MLPs
      are as wide as the active experts (2 x dim_feedforward) and as wide as all 16 together.
-  4. Where a layer's time goes, at the default sizes: forward and backward of each block alone, and of the
-     selective scan alone on the Mamba block's shapes.
+  4. Where a layer's time goes, at the default sizes: forward and backward of each block alone (the Mamba block
+     with either scan), and of each selective scan alone on the Mamba block's shapes.
 """
 
 import argparse
@@ -25,12 +26,13 @@ import time
 import torch
 
 from _common import active_parameters, machine, pyplot, save_figure, write_table
-from JAMBA import MLP, AttentionBlock, Jamba, MambaBlock, selective_scan_parallel
+from JAMBA import MLP, AttentionBlock, Jamba, MambaBlock, selective_scan_fused, selective_scan_parallel
 
 TINY = dict(vocab_size=101, d_model=128, nhead=4, dim_feedforward=256, d_state=8, expand=1)   # train_tiny.py's
 VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=4),
             "hybrid": dict(num_mamba_layers=3, num_transformer_layers=1),
             "mamba": dict(num_mamba_layers=4, num_transformer_layers=0)}
+PARALLEL = {"hybrid, parallel scan": dict(VARIANTS["hybrid"], scan="parallel")}   # table 1 only
 
 
 def step_timer(config, batch, length):
@@ -57,18 +59,22 @@ def block_timers(tiny, batch, length):
     x = torch.randn(batch, length, m, requires_grad=True)
     blocks = {"attention block": AttentionBlock(m, tiny["nhead"], max_seq_length=length),
               "Mamba block": MambaBlock(m, n, expand=tiny["expand"], inner_layernorms=True),
+              "Mamba block, parallel scan": MambaBlock(m, n, expand=tiny["expand"], inner_layernorms=True,
+                                                       scan="parallel"),
               "MLP": MLP(m, tiny["dim_feedforward"])}
     timers = {name: (lambda block=block: block(x).sum().backward()) for name, block in blocks.items()}
     g = torch.Generator().manual_seed(0)
-    scan_inputs = dict(u=torch.randn(batch, d, length, generator=g), delta=torch.randn(batch, d, length, generator=g),
-                       A=-torch.rand(d, n, generator=g), B=torch.randn(batch, n, length, generator=g),
-                       C=torch.randn(batch, n, length, generator=g), D=torch.randn(d, generator=g),
-                       z=torch.randn(batch, d, length, generator=g), delta_bias=torch.randn(d, generator=g))
+    def channels_last(width):                        # (b, width, l) as a view of (b, l, width), as the block has it
+        return torch.randn(batch, length, width, generator=g).transpose(1, 2)
+    scan_inputs = dict(u=channels_last(d), delta=channels_last(d), A=-torch.rand(d, n, generator=g),
+                       B=channels_last(n), C=channels_last(n), D=torch.randn(d, generator=g), z=channels_last(d),
+                       delta_bias=torch.randn(d, generator=g))
 
-    def scan():
+    def scan(selective_scan):
         inputs = {name: value.detach().requires_grad_() for name, value in scan_inputs.items()}
-        selective_scan_parallel(**inputs, delta_softplus=True).sum().backward()
-    timers["its selective scan alone"] = scan
+        selective_scan(**inputs, delta_softplus=True).sum().backward()
+    timers["its fused selective scan alone"] = lambda: scan(selective_scan_fused)
+    timers["its parallel selective scan alone"] = lambda: scan(selective_scan_parallel)
     return timers
 
 
@@ -102,9 +108,10 @@ def main():
     # 1. train_tiny.py's sizes.
     shape_rows = []
     for batch, length in shapes:
-        steps = {name: step_timer({**tiny, **layers}, batch, length)[0] for name, layers in VARIANTS.items()}
+        steps = {name: step_timer({**tiny, **layers}, batch, length)[0]
+                 for name, layers in {**VARIANTS, **PARALLEL}.items()}
         seconds = time_in_turns(steps, repeats)
-        for name in VARIANTS:
+        for name in steps:
             tokens_per_second = batch * length / seconds[name]
             shape_rows.append([f"{batch} x {length}", name, f"{1e3 * seconds[name]:.1f}", f"{tokens_per_second:,.0f}",
                                f"{seconds['transformer'] / seconds[name]:.2f}x"])
