@@ -39,6 +39,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -76,7 +77,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """The sequential and parallel scans' common start (the fused one's too): upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
+    """The scans' common start: upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
     delta = softplus(delta + delta_bias) as the reference does."""
     compute = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
@@ -88,7 +89,8 @@ def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
 
 
 def _scan_output(y, u, D, z, dtype_in):
-    """The sequential and parallel scans' common end (the fused kernel does it inside): the skip connection D u of Algorithm 2 and the gate silu(z) of Figure 3."""
+    """The sequential and parallel scans' common end (the fused kernel does it inside): the skip connection D u of
+    Algorithm 2 and the gate silu(z) of Figure 3."""
     if D is not None:
         y = y + D.to(y.dtype)[:, None] * u
     if z is not None:
@@ -469,7 +471,7 @@ template <typename T> struct Conv {
     const T *x, *w, *bias;
     T* out;
     const T* grad_out;
-    T *grad_x, *grad_w, *grad_bias;                   // grad_w, grad_bias: one per thread, (threads, k, d), (threads, d)
+    T *grad_x, *grad_w, *grad_bias;                   // the last two per thread: (threads, k, d), (threads, d)
     int64_t b, l, d, k;
 };
 
@@ -919,33 +921,48 @@ class MambaBlock(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return dt @ self.dt_proj.weight.t(), B, C                               # bias and softplus come in the scan
 
-    def _conv(self, x_in, fused):
-        """silu(causal depthwise conv1d(x_in)), the input of the SSM (Figure 3): (b, l, d) -> (b, l, d)."""
+    def _conv(self, x_in, history, fused):
+        """silu(causal depthwise conv1d(x_in)), the input of the SSM (Figure 3): (b, l, d) -> (b, l, d); history
+        (b, k - 1, d), the inputs before x_in's first (zeros when None)."""
+        l = x_in.shape[1]
+        if history is not None:                          # convolve them too, then drop their outputs
+            x_in = torch.cat([history, x_in], dim=1)                            # (b, k - 1 + l, d)
         if fused:                                        # the fused library's kernel, in the scan's layout
             compute = torch.promote_types(x_in.dtype, torch.float32)
             weight, bias = self.conv1d.weight[:, 0].to(compute), self.conv1d.bias.to(compute)   # (d, k), (d,)
-            return _FusedCausalConv.apply(x_in.to(compute), weight, bias).to(x_in.dtype)
-        return F.silu(self.conv1d(x_in.transpose(1, 2))[..., :x_in.shape[1]]).transpose(1, 2)   # drop the tail
+            out = _FusedCausalConv.apply(x_in.to(compute), weight, bias).to(x_in.dtype)   # (b, ., d)
+        else:
+            out = F.silu(self.conv1d(x_in.transpose(1, 2))[..., :x_in.shape[1]]).transpose(1, 2)   # drop the tail
+        return out[:, -l:]                                                      # (b, l, d)
 
-    def forward(self, x, return_state=False):
-        """x (b, l, m) -> (b, l, m); with return_state also the state step() continues from:
-        (conv_state (b, d, k), the last k inputs of the conv; ssm_state (b, d, n), h_l in the scan's compute dtype)."""
-        l = x.shape[1]
+    def forward(self, x, mask=None):
+        """x (b, l, m) -> (b, l, m); mask (b, l) as in prefill."""
+        return self.prefill(x, mask=mask)[0]
+
+    def prefill(self, x, state=None, mask=None):
+        """The parallel mode over x (b, l, m), from state (conv_state (b, d, k), the conv's last k inputs; ssm_state
+        (b, d, n), h in the scans' compute dtype) or from zeros -> (out (b, l, m), the state after x), which step() or
+        another prefill continues from. mask (b, l), 1 for tokens and 0 for pads: pads are zeroed before in_proj and
+        again after the conv (as in transformers' Jamba), so pads before a sequence's first token leave its state
+        exactly as if they were not there."""
+        l, k = x.shape[1], self.d_conv
         scan = _scan_function(self.scan, x.device)
-        x_in, z = self.in_proj(x).chunk(2, dim=-1)                              # (b, l, d) each
-        x_conv = self._conv(x_in, fused=scan is selective_scan_fused)           # (b, l, d)
+        keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)         # (b, l, 1)
+        x_in, z = self.in_proj(x if keep is None else x * keep).chunk(2, dim=-1)   # (b, l, d) each
+        history = None if state is None else state[0][:, :, 1:].transpose(1, 2)  # (b, k - 1, d)
+        x_conv = self._conv(x_in, history, fused=scan is selective_scan_fused)  # (b, l, d)
+        if keep is not None:
+            x_conv = x_conv * keep
         delta, B, C = self._delta_B_C(x_conv)                                   # (b, l, d), (b, l, n), (b, l, n)
         compute = torch.promote_types(x.dtype, torch.float32)                   # the scans' compute dtype
         A = -torch.exp(self.A_log.to(compute))                                  # (d, n)
         y, ssm_state = scan(
             x_conv.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             self.D.to(compute), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.to(compute), delta_softplus=True,
-            return_last_state=True)                                             # (b, d, l), (b, d, n)
-        out = self.out_proj(y.transpose(1, 2))                                  # (b, l, m)
-        if not return_state:
-            return out
-        conv_state = F.pad(x_in.transpose(1, 2), (self.d_conv - l, 0))          # (b, d, k)  crops; pads if l < k
-        return out, (conv_state, ssm_state)
+            return_last_state=True, initial_state=None if state is None else state[1])   # (b, d, l), (b, d, n)
+        window = x_in if history is None else torch.cat([history, x_in], dim=1)
+        conv_state = F.pad(window[:, -k:].transpose(1, 2), (k - min(k, window.shape[1]), 0))   # (b, d, k)
+        return self.out_proj(y.transpose(1, 2)), (conv_state, ssm_state)       # (b, l, m)
 
     def step(self, x, state):
         """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and
@@ -990,19 +1007,39 @@ class MambaBlock(nn.Module):
 # 3. The attention block
 # ---------------------------------------------------------------------------------------------------------------
 
-def _rotary(x, start):
-    """Rotary position embedding (Su et al., RoFormer, arXiv 2104.09864) of x (b, h, l, e) at positions start, ..."""
-    l, e = x.shape[2], x.shape[3]
+def _rotary(x, positions):
+    """Rotary position embedding (Su et al., RoFormer, arXiv 2104.09864) of x (b, h, l, e) at positions (b, l)."""
+    e = x.shape[3]
     compute = torch.promote_types(x.dtype, torch.float32)
     inv_freq = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=compute) / e)          # (e/2,)
-    angle = torch.arange(start, start + l, device=x.device, dtype=compute)[:, None] * inv_freq   # (l, e/2)
+    angle = positions[:, None, :, None].to(compute) * inv_freq                   # (b, 1, l, e/2)
     cos, sin = angle.cos(), angle.sin()
     x1, x2 = x.to(compute).chunk(2, dim=-1)                                     # (b, h, l, e/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)   # (b, h, l, e)
 
 
+class AttentionCache(NamedTuple):
+    """An attention layer's state in generation. keys, values (b, g, s, e): a ring buffer of s slots (room for
+    twice the prompt at first, doubling as it fills, up to max_seq_length), step t in slot t % max_seq_length.
+    positions (b, s): the rotary position of the token in each slot, -1 for a pad or an empty slot. seen: the steps
+    taken in so far, pads included."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    seen: int
+
+
+def _attention_mask(query_steps, key_steps, key_is_token, window):
+    """(b, 1, l, s): True where a query may attend to a key: a token (key_is_token (b, s)) at the query's step or
+    one of the window - 1 steps before it. Each query also attends to its own step, so that a pad's query, with
+    every key masked, stays finite (its output is never used)."""
+    behind = query_steps[:, None] - key_steps[None, :]                          # (l, s)  steps back
+    in_window = (behind >= 0) & (behind < window)                               # (l, s)
+    return (in_window & key_is_token[:, None, :] | (behind == 0))[:, None]
+
+
 class AttentionBlock(nn.Module):
-    """Causal self-attention through F.scaled_dot_product_attention, with a key/value cache.
+    """Causal self-attention through F.scaled_dot_product_attention, with a key/value cache for generation.
 
     num_key_value_heads: grouped-query attention (Ainslie et al., arXiv 2305.13245), as in [Jamba] Section 2 (32
     query heads share 8 key/value heads): the nhead query heads are split into num_key_value_heads groups and each
@@ -1010,8 +1047,9 @@ class AttentionBlock(nn.Module):
     nhead (plain multi-head attention).
     rotary: [Jamba] Section 6.5 found no positional encoding is needed when Mamba layers come first (they carry
     position implicitly); an attention layer with no Mamba layer before it can get rotary embeddings instead.
-    The cache starts with room for twice the prompt and doubles when it fills, up to max_seq_length slots per head;
-    generation past that keeps the most recent max_seq_length keys and values (a sliding window over a ring buffer).
+    In generation (prefill, step) each query attends to the last max_seq_length steps only (a sliding window over
+    the AttentionCache's ring buffer). A mask (b, l) marks pads with 0: they are never attended to and take no
+    rotary position, so a left-padded sequence attends as it would alone.
     """
 
     def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False, num_key_value_heads=None):
@@ -1035,50 +1073,87 @@ class AttentionBlock(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def _qkv(self, x, start):
-        """x (b, l, m) at positions start, start + 1, ... -> q (b, h, l, e), k and v (b, g, l, e)."""
+    def _qkv(self, x, positions):
+        """x (b, l, m) at rotary positions (b, l) -> q (b, h, l, e), k and v (b, g, l, e)."""
         b, l, _ = x.shape
         g = self.num_key_value_heads
         qkv = self.qkv_proj(x).view(b, l, self.nhead + 2 * g, self.head_size).transpose(1, 2)  # (b, h + 2g, l, e)
         q, k, v = qkv.split([self.nhead, g, g], dim=1)
         if self.rotary:
-            q, k = _rotary(q, start), _rotary(k, start)
+            q, k = _rotary(q, positions), _rotary(k, positions)
         return q, k, v
 
     def _attend(self, q, k, v, **kwargs):
-        """Every query head attends with the key/value head of its group: (b, h, l, e), (b, g, s, e) -> (b, h, l, e)."""
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_key_value_heads != self.nhead, **kwargs)
+        """Every query head attends with the key/value head of its group: (b, h, l, e), (b, g, s, e) -> (b, l, m)."""
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_key_value_heads != self.nhead, **kwargs)
+        return self.resid_dropout(self.out_proj(y.transpose(1, 2).flatten(2)))
 
-    def forward(self, x, return_state=False):
-        """x (b, l, m) -> (b, l, m); with return_state also the cache (keys (b, g, s, e), values, tokens seen)."""
-        b, l, m = x.shape
-        q, k, v = self._qkv(x, 0)                                               # (b, h, l, e), (b, g, l, e)
-        y = self._attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)  # (b, h, l, e)
-        out = self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(b, l, m)))   # (b, l, m)
-        if not return_state:
-            return out
-        if l > self.max_seq_length:
-            raise ValueError(f"a cache holds max_seq_length={self.max_seq_length} tokens, got a prompt of {l}")
-        room = min(self.max_seq_length, 2 * l)
-        keys = k.new_zeros(b, self.num_key_value_heads, room, self.head_size)     # (b, g, s, e)
-        values = torch.zeros_like(keys)                                         # (b, g, s, e)
-        keys[:, :, :l], values[:, :, :l] = k, v
-        return out, (keys, values, l)
+    def forward(self, x, mask=None):
+        """x (b, l, m) -> (b, l, m), every position attending to itself and the positions before it."""
+        b, l, _ = x.shape
+        if mask is not None or l > self.max_seq_length:
+            return self._attend_after(x, None, mask)[0]
+        q, k, v = self._qkv(x, torch.arange(l, device=x.device).expand(b, l))  # (b, h, l, e), (b, g, l, e)
+        return self._attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+
+    def prefill(self, x, state=None, mask=None):
+        """The parallel mode of generation: x (b, l, m), the steps after state's (or the first ones) -> (out (b, l, m),
+        the cache with x's keys and values written in). Each query attends to the keys of the last max_seq_length
+        steps, the cache's and x's own; mask (b, l) marks pads with 0."""
+        out, k, v, positions = self._attend_after(x, state, mask)
+        return out, self._write(state, k, v, positions)
+
+    def _attend_after(self, x, state, mask):
+        """prefill's attention: (out (b, l, m), k, v (b, g, l, e) and positions (b, l) for the cache)."""
+        b, l, _ = x.shape
+        window, seen = self.max_seq_length, 0 if state is None else state.seen
+        is_token = torch.ones(b, l, dtype=torch.bool, device=x.device) if mask is None else mask.bool()   # (b, l)
+        first = 0 if state is None else state.positions.amax(-1, keepdim=True) + 1   # (b, 1)  next rotary position
+        positions = torch.where(is_token, first + is_token.cumsum(-1) - 1, -1)   # (b, l)  -1 at pads
+        q, k, v = self._qkv(x, positions.clamp(min=0))                          # (b, h, l, e), (b, g, l, e)
+        steps = torch.arange(seen, seen + l, device=x.device)                   # (l,)
+        keys, values, key_positions, key_steps = k, v, positions, steps
+        if state is not None:                                                   # the cache's keys come first
+            filled = min(seen, window)
+            slots = torch.arange(filled, device=x.device)                       # slot i holds the latest step
+            keys = torch.cat([state.keys[:, :, :filled], k], dim=2)              # (b, g, s + l, e)
+            values = torch.cat([state.values[:, :, :filled], v], dim=2)
+            key_positions = torch.cat([state.positions[:, :filled], positions], dim=1)   # (b, s + l)
+            key_steps = torch.cat([slots + window * ((seen - 1 - slots) // window), steps])   # t < seen, t = i mod s
+        attn_mask = _attention_mask(steps, key_steps, key_positions >= 0, window)   # (b, 1, l, s + l)
+        out = self._attend(q, keys, values, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return out, k, v, positions
 
     def step(self, x, state):
-        """One token x (b, m) with state (keys, values, tokens seen) -> (out (b, m), state); the cache is updated
-        in place. Every cached key is in the past, so no mask is needed; its order does not matter either."""
-        keys, values, seen = state
-        b, m = x.shape
-        q, k, v = self._qkv(x.unsqueeze(1), seen)                               # (b, h, 1, e), (b, g, 1, e)
-        slot = seen % self.max_seq_length                                       # ring buffer: overwrite the oldest
-        if slot == keys.shape[2]:                                               # full, below max_seq_length: double
-            keys, values = (torch.cat([c, torch.zeros_like(c)], dim=2)[:, :, :self.max_seq_length]
-                            for c in (keys, values))                            # (b, g, s, e)
-        keys[:, :, slot], values[:, :, slot] = k[:, :, 0], v[:, :, 0]
-        filled = min(seen + 1, self.max_seq_length)
-        y = self._attend(q, keys[:, :, :filled], values[:, :, :filled])         # (b, h, 1, e)
-        return self.resid_dropout(self.out_proj(y.reshape(b, m))), (keys, values, seen + 1)
+        """One token x (b, m) with its cache -> (out (b, m), the cache, updated in place): prefill of one token,
+        without its masks, as every cached key is a past step within the window."""
+        positions = state.positions.amax(-1, keepdim=True) + 1                  # (b, 1)
+        q, k, v = self._qkv(x.unsqueeze(1), positions)                          # (b, h, 1, e), (b, g, 1, e)
+        state = self._write(state, k, v, positions)
+        filled = min(state.seen, self.max_seq_length)
+        is_token = state.positions[:, None, None, :filled] >= 0                 # (b, 1, 1, s)  pads of the prompt
+        return self._attend(q, state.keys[:, :, :filled], state.values[:, :, :filled], attn_mask=is_token)[:, 0], state
+
+    def _write(self, state, k, v, positions):
+        """The cache with l more steps k, v (b, g, l, e) at positions (b, l) written into its ring (all of them, or
+        the last max_seq_length when l is longer), growing its room first if need be."""
+        (b, g, l, e), window = k.shape, self.max_seq_length
+        seen = 0 if state is None else state.seen
+        room = 0 if state is None else state.keys.shape[2]
+        if room < min(window, seen + l):                                        # twice what is needed, at most s
+            new_room = min(window, 2 * (seen + l))
+            keys, values = k.new_zeros(b, g, new_room, e), v.new_zeros(b, g, new_room, e)   # (b, g, s, e)
+            key_positions = positions.new_full((b, new_room), -1)               # (b, s)
+            if state is not None:
+                keys[:, :, :room], values[:, :, :room], key_positions[:, :room] = state.keys, state.values, \
+                    state.positions
+        else:
+            keys, values, key_positions = state.keys, state.values, state.positions
+        kept = torch.arange(max(0, l - window), l, device=k.device)             # steps seen + kept go to slots
+        slots = (seen + kept) % window
+        keys[:, :, slots], values[:, :, slots], key_positions[:, slots] = k[:, :, kept], v[:, :, kept], \
+            positions[:, kept]
+        return AttentionCache(keys, values, key_positions, seen + l)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1144,17 +1219,20 @@ class MixtureOfExperts(nn.Module):
         return out.view_as(x)
 
 
-def load_balancing_loss(router_probs, num_experts_per_tok):
+def load_balancing_loss(router_probs, num_experts_per_tok, token_mask=None):
     """The Switch Transformer's auxiliary loss (Fedus et al., arXiv 2101.03961, Eq. 4-6) with top-K routing, as in
     the public Jamba code:  E * sum_e f_e P_e,  where f_e is the fraction of tokens that sent one of their K choices
     to expert e and P_e the mean router probability of expert e, both pooled over the tokens of every MoE layer.
     f sums to K, so an even spread gives K (exactly K for a uniform router) and piling tokens onto few experts
-    gives more. Only P carries a gradient. router_probs: one (t, E) tensor per MoE layer."""
+    gives more. Only P carries a gradient. router_probs: one (t, E) tensor per MoE layer; token_mask (t,): the
+    tokens to count (pads left out, as transformers' load_balancing_loss_func with an attention mask), or None."""
     probs = torch.cat(router_probs)                                             # (T, E)  every layer's tokens
     num_experts = probs.shape[-1]
+    weight = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.to(probs.dtype).repeat(
+        len(router_probs))                                                      # (T,)
     chosen = probs.topk(num_experts_per_tok, dim=-1).indices                    # (T, K)
-    f = F.one_hot(chosen, num_experts).sum(1).float().mean(0)                   # (E,)  Eq. (5), times K
-    P = probs.mean(0)                                                           # (E,)  Eq. (6)
+    f = weight @ F.one_hot(chosen, num_experts).sum(1).to(probs.dtype) / weight.sum()   # (E,)  Eq. (5), times K
+    P = weight @ probs / weight.sum()                                           # (E,)  Eq. (6)
     return num_experts * (f * P).sum()                                          # Eq. (4)
 
 
@@ -1248,15 +1326,19 @@ class JambaLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mlp = mlp
 
-    def forward(self, x, return_state=False):
-        """x (b, l, m) -> (b, l, m), and the mixer's state with return_state."""
-        mixed = self.mixer(self.mixer_norm(x), return_state=return_state)
-        x = x + (mixed[0] if return_state else mixed)
-        x = x + self.mlp(self.mlp_norm(x))
-        return (x, mixed[1]) if return_state else x
+    def forward(self, x, mask=None):
+        """x (b, l, m) -> (b, l, m); mask (b, l) or None, as the mixers take it."""
+        x = x + self.mixer(self.mixer_norm(x), mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x, state=None, mask=None):
+        """x (b, l, m) from the mixer's state (or none) -> (b, l, m), the mixer's state after x."""
+        mixed, state = self.mixer.prefill(self.mixer_norm(x), state, mask)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
 
     def step(self, x, state):
-        """x (b, m) -> (b, m), new state."""
+        """x (b, m) -> (b, m), the mixer's new state."""
         mixed, state = self.mixer.step(self.mixer_norm(x), state)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), state
@@ -1335,34 +1417,66 @@ class Jamba(nn.Module):
             raise ValueError(f"{name} holds ids in [{idx.min().item()}, {idx.max().item()}], "
                              f"outside [0, vocab_size={self.config.vocab_size})")
 
-    def _trunk(self, idx, return_state):
-        """Logits (b, l, v) for idx (b, l), and with return_state every layer's state."""
-        if idx.shape[1] > self.config.max_seq_length:
-            raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.config.max_seq_length}")
-        x = self.embedding(idx)                                                 # (b, l, m)
-        states = []
-        for layer in self.layers:
-            x = layer(x, return_state=return_state)
-            if return_state:
-                x, state = x
-                states.append(state)
-        logits = self.lm_head(self.norm(x))                                     # (b, l, v)
-        return (logits, states) if return_state else logits
+    def _check_mask(self, attention_mask, idx):
+        """attention_mask as transformers takes it: (b, l) like idx, 1 for tokens and 0 for pads, bool or int."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+            got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+                   else type(attention_mask).__name__)
+            raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) as bool or int, got "
+                             f"{attention_mask.dtype}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("attention_mask must hold only 1 (token) and 0 (pad), got other values")
+        if not attention_mask.any():
+            raise ValueError("attention_mask marks every position as a pad: there is no token to read")
+        return attention_mask.to(torch.bool)
 
-    def forward(self, idx, targets=None):
+    def _check_states(self, states, b):
+        """states as prefill or step returned them, for this model and a batch of b sequences."""
+        if not isinstance(states, (list, tuple)) or len(states) != len(self.layers):
+            got = f"{len(states)} states" if isinstance(states, (list, tuple)) else type(states).__name__
+            raise ValueError(f"states must be the list of {len(self.layers)} layer states that prefill or step "
+                             f"returned, got {got}")
+        for i, (layer, state) in enumerate(zip(self.layers, states)):
+            mixer = layer.mixer
+            if isinstance(mixer, MambaBlock):
+                shapes = [(b, mixer.d_inner, mixer.d_conv), (b, mixer.d_inner, mixer.d_state)]
+                fits = isinstance(state, tuple) and len(state) == 2 and all(
+                    isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t, shape in zip(state, shapes))
+            else:
+                fits = isinstance(state, AttentionCache) and state.keys.shape[:2] == (b, mixer.num_key_value_heads) \
+                    and state.keys.shape[3] == mixer.head_size
+            if not fits:
+                raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) for a batch of "
+                                 f"{b}: give the states this model's prefill or step returned for the same batch")
+
+    def forward(self, idx, targets=None, attention_mask=None):
         """idx (b, l) token ids, l <= max_seq_length -> (logits (b, l, v), mean cross-entropy loss or None).
-        targets (b, l): the next token at each position; -1 marks positions to ignore. With experts, the loss adds
-        router_aux_loss_coef times the load-balancing term, which stays readable as model.aux_loss."""
+        targets (b, l): the next token at each position; -1 marks positions to ignore, and so do pads.
+        attention_mask (b, l): 1 for tokens, 0 for pads (any pattern here; generate needs left padding), which
+        Mamba layers zero, attention layers never attend to, and the load-balancing term leaves out. With experts,
+        the loss adds router_aux_loss_coef times the load-balancing term, readable as model.aux_loss."""
         self._check_idx(idx)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
                 got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                 raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
-        logits = self._trunk(idx, return_state=False)
+        mask = self._check_mask(attention_mask, idx)
+        if idx.shape[1] > self.config.max_seq_length:
+            raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.config.max_seq_length}")
+        x = self.embedding(idx)                                                 # (b, l, m)
+        for layer in self.layers:
+            x = layer(x, mask)
+        logits = self.lm_head(self.norm(x))                                     # (b, l, v)
         routers = [layer.mlp.router_probs for layer in self.layers if isinstance(layer.mlp, MixtureOfExperts)]
-        self.aux_loss = load_balancing_loss(routers, self.config.num_experts_per_tok) if routers else None
+        self.aux_loss = None if not routers else load_balancing_loss(
+            routers, self.config.num_experts_per_tok, None if mask is None else mask.flatten())
         if targets is None:
             return logits, None
+        targets = targets if mask is None else targets.masked_fill(~mask, -1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
         if self.aux_loss is not None:
             loss = loss + self.config.router_aux_loss_coef * self.aux_loss
@@ -1372,11 +1486,22 @@ class Jamba(nn.Module):
     # 6. Generation
     # -----------------------------------------------------------------------------------------------------------
 
-    def prefill(self, idx):
-        """The parallel pass of generation: idx (b, l) -> (logits (b, l, v), states), one state per layer:
-        (conv_state, ssm_state) for Mamba layers, (keys, values, tokens seen) for attention layers."""
+    def prefill(self, idx, states=None, attention_mask=None):
+        """The parallel pass of generation: idx (b, l), the tokens after those the states have read (or the first
+        ones) -> (logits (b, l, v), states), one per layer: (conv_state, ssm_state) for Mamba layers, an
+        AttentionCache for attention layers. A long input can be read in pieces of any length, each in parallel:
+        the pieces give the logits and states of reading it whole. attention_mask (b, l) as in forward, for left
+        padding: a sequence's pads must come before its first token."""
         self._check_idx(idx)
-        return self._trunk(idx, return_state=True)
+        mask = self._check_mask(attention_mask, idx)
+        if states is not None:
+            self._check_states(states, idx.shape[0])
+        x = self.embedding(idx)                                                 # (b, l, m)
+        new_states = []
+        for layer, state in zip(self.layers, states or [None] * len(self.layers)):
+            x, state = layer.prefill(x, state, mask)
+            new_states.append(state)
+        return self.lm_head(self.norm(x)), new_states                           # (b, l, v)
 
     def step(self, token, states):
         """The recurrent pass: one token per sequence (b,) and the states -> (logits (b, v), new states)."""
@@ -1388,15 +1513,16 @@ class Jamba(nn.Module):
         return self.lm_head(self.norm(x)), new_states                           # (b, v)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None):
         """Continue idx (b, l) by max_new_tokens tokens -> (b, l + max_new_tokens), as nanoGPT's generate.
 
-        One parallel prefill over the prompt returns every layer's state, then each new token costs one step()
-        per layer: O(1) per token in Mamba layers, O(cache) in attention layers ([Jamba] Section 2).
-        temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely.
-        Past max_seq_length nothing crashes: Mamba layers carry their state on, attention layers attend to the most
-        recent max_seq_length tokens only (a sliding window), and a prompt longer than max_seq_length is read in
-        parallel up to max_seq_length and token by token after that. Call model.eval() first to turn dropout off.
+        Parallel prefills over the prompt, in pieces of max_seq_length, return every layer's state; then each new
+        token costs one step() per layer: O(1) per token in Mamba layers, O(cache) in attention layers ([Jamba]
+        Section 2). temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely.
+        Past max_seq_length nothing crashes: Mamba layers carry their state on and attention layers attend to the
+        most recent max_seq_length tokens only (a sliding window). For prompts of different lengths, left-pad them
+        and pass attention_mask (pad_prompts does both): each sequence then continues as it would alone. Call
+        model.eval() first to turn dropout off.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -1405,11 +1531,15 @@ class Jamba(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         self._check_idx(idx)
-        max_seq_length = self.config.max_seq_length
-        logits, states = self._trunk(idx[:, :max_seq_length], return_state=True)
+        mask = self._check_mask(attention_mask, idx)
+        if mask is not None and ((mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all()):
+            raise ValueError("attention_mask must be left-padded for generate: each row's pads (0) before its tokens "
+                             "(1), and a token last; pad_prompts(prompts, pad_id) makes such a batch")
+        states, piece = None, self.config.max_seq_length
+        for start in range(0, idx.shape[1], piece):
+            logits, states = self.prefill(idx[:, start:start + piece], states,
+                                          None if mask is None else mask[:, start:start + piece])
         logits = logits[:, -1]                                                  # (b, v)
-        for t in range(max_seq_length, idx.shape[1]):
-            logits, states = self.step(idx[:, t], states)
         new_tokens = []
         for i in range(max_new_tokens):
             if temperature == 0:
@@ -1462,6 +1592,21 @@ class Jamba(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embedding.weight
         return model.eval()
+
+
+def pad_prompts(prompts, pad_id=0):
+    """Prompts of different lengths as one left-padded batch for generate: a list of 1-D tensors of token ids ->
+    (idx (b, l), attention_mask (b, l)), l the longest prompt's length, each row pad_id then its prompt."""
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(
+            isinstance(p, torch.Tensor) and p.dim() == 1 and len(p) and not p.is_floating_point() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of 1-D tensors of token ids, each of at least one token")
+    longest = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), longest), pad_id, dtype=prompts[0].dtype, device=prompts[0].device)
+    attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=prompts[0].device)
+    for row, prompt in enumerate(prompts):
+        idx[row, longest - len(prompt):] = prompt
+        attention_mask[row, longest - len(prompt):] = 1
+    return idx, attention_mask
 
 
 # The public configuration's defaults (transformers' JambaConfig), for keys a config.json leaves out.

@@ -22,8 +22,8 @@ from hypothesis import given, settings, strategies as st
 
 import JAMBA
 import train_tiny
-from JAMBA import (MLP, AttentionBlock, Jamba, JambaConfig, MambaBlock, MixtureOfExperts, _rotary, layer_schedule,
-                   load_balancing_loss, selective_scan_sequential)
+from JAMBA import (MLP, AttentionBlock, AttentionCache, Jamba, JambaConfig, MambaBlock, MixtureOfExperts, _rotary,
+                   layer_schedule, load_balancing_loss, pad_prompts, selective_scan_sequential)
 
 settings.register_profile("jamba", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("jamba")
@@ -240,7 +240,7 @@ def test_mamba_block_fast_scans_equal_sequential(fast_scan, d_model):
     results = []
     for scan in (fast_scan.__name__.removeprefix("selective_scan_"), "sequential"):
         block.scan = scan
-        out, state = block(x, return_state=True)
+        out, state = block.prefill(x)
         results.append((out, *state, *torch.autograd.grad(out.sin().sum(), [x, *block.parameters()])))
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
@@ -258,7 +258,7 @@ def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
     with torch.no_grad():
         for scan in ("fused", "parallel"):                # the parallel setting steps with torch operations
             block.scan = scan
-            _, state = block(x[:, :4], return_state=True)
+            _, state = block.prefill(x[:, :4])
             outs = []
             for t in range(4, 10):
                 out, state = block.step(x[:, t], state)
@@ -278,7 +278,7 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
     x = torch.randn(3, l, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = block(x)
-        out, state = block(x[:, :prompt], return_state=True)
+        out, state = block.prefill(x[:, :prompt])
         steps = [out]
         for t in range(prompt, l):
             y, state = block.step(x[:, t], state)
@@ -320,7 +320,7 @@ def test_attention_step_equals_forward_and_rotary_is_relative():
         x = torch.randn(2, 12, 16, dtype=torch.float64)
         with torch.no_grad():
             expected = block(x)
-            out, state = block(x[:, :5], return_state=True)
+            out, state = block.prefill(x[:, :5])
             steps = [out] + [None] * 7
             for t in range(5, 12):
                 y, state = block.step(x[:, t], state)
@@ -328,8 +328,9 @@ def test_attention_step_equals_forward_and_rotary_is_relative():
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
     # Rotary makes attention scores depend on relative positions only: shifting everything changes nothing.
     q, k = torch.randn(1, 1, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
-    scores = _rotary(q, 0) @ _rotary(k, 0).transpose(-1, -2)
-    shifted = _rotary(q, 100) @ _rotary(k, 100).transpose(-1, -2)
+    at = torch.arange(6)[None]
+    scores = _rotary(q, at) @ _rotary(k, at).transpose(-1, -2)
+    shifted = _rotary(q, at + 100) @ _rotary(k, at + 100).transpose(-1, -2)
     torch.testing.assert_close(scores, shifted)
     assert not torch.allclose(scores, q @ k.transpose(-1, -2))
 
@@ -356,7 +357,7 @@ def test_grouped_query_attention_shares_key_value_heads_and_caches_only_those():
         x = torch.randn(2, 12, 16, dtype=torch.float64)
         expected = gqa(x)
         torch.testing.assert_close(expected, mha(x), rtol=1e-12, atol=1e-12)
-        out, state = gqa(x[:, :5], return_state=True)
+        out, state = gqa.prefill(x[:, :5])
         assert state[0].shape == (2, 2, 10, 4) and state[1].shape == (2, 2, 10, 4)   # (b, g, s, e): room for 2 l
         steps = [out]
         for t in range(5, 12):
@@ -654,6 +655,143 @@ def test_tiny_model_overfits_one_batch():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Padded batches, masks and prefill in pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def ragged_prompts(seed, count=6, longest=20):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, longest] + torch.randint(1, longest + 1, (count - 2,), generator=g).tolist()
+    return [torch.randint(0, 11, (length,), generator=g) for length in lengths]
+
+
+def test_pad_prompts_left_pads_and_masks():
+    idx, mask = pad_prompts([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
+    assert idx.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    for bad in ([], [torch.tensor([])], [torch.tensor([[1, 2]])], [torch.tensor([1.0])], torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="prompts must be a non-empty list of 1-D tensors"):
+            pad_prompts(bad)
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_left_padded_batch_gives_each_prompt_what_it_gives_alone(variant):
+    """Prompts of lengths 1 to 20 in one left-padded batch: at every token the logits of the prompt alone, the
+    same Mamba states after the prompt, the load-balancing term of the tokens alone, and the same greedy tokens."""
+    model = tiny_jamba(**MODEL_VARIANTS[variant], max_seq_length=32).double().eval()
+    prompts = ragged_prompts(7)
+    idx, mask = pad_prompts(prompts)
+    with torch.no_grad():
+        logits, _ = model(idx, attention_mask=mask)
+        padded_aux = model.aux_loss
+        _, states = model.prefill(idx, attention_mask=mask)
+        generated = model.generate(idx, 12, temperature=0, attention_mask=mask)
+        alone_routers = []
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(prompt[None])
+            alone_routers += [layer.mlp.router_probs for layer in model.layers if isinstance(layer.mlp, MixtureOfExperts)]
+            torch.testing.assert_close(logits[row, -len(prompt):], alone[0], rtol=1e-9, atol=1e-9)
+            _, alone_states = model.prefill(prompt[None])
+            for layer, state, alone_state in zip(model.layers, states, alone_states):
+                if isinstance(layer.mixer, MambaBlock):
+                    for padded_part, alone_part in zip(state, alone_state):
+                        torch.testing.assert_close(padded_part[row:row + 1], alone_part, rtol=1e-9, atol=1e-12)
+            assert torch.equal(generated[row, -12:], model.generate(prompt[None], 12, temperature=0)[0, -12:]), row
+    if padded_aux is not None:
+        per_layer = len(alone_routers) // len(prompts)
+        pooled = [torch.cat(alone_routers[i::per_layer]) for i in range(per_layer)]
+        torch.testing.assert_close(padded_aux, load_balancing_loss(pooled, model.config.num_experts_per_tok))
+
+
+def test_the_loss_leaves_pads_out():
+    model = tiny_jamba(**MODEL_VARIANTS["jamba"]).double()
+    idx, mask = pad_prompts(ragged_prompts(3, count=3, longest=9))
+    targets = torch.randint(0, 11, idx.shape, generator=torch.Generator().manual_seed(4))
+    logits, loss = model(idx, targets, attention_mask=mask)
+    tokens = mask.bool()
+    expected = F.cross_entropy(logits[tokens], targets[tokens]) + model.config.router_aux_loss_coef * model.aux_loss
+    torch.testing.assert_close(loss, expected)
+    routers = [layer.mlp.router_probs[tokens.flatten()] for layer in model.layers
+               if isinstance(layer.mlp, MixtureOfExperts)]
+    torch.testing.assert_close(model.aux_loss, load_balancing_loss(routers, 2))
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+@given(data=st.data())
+@settings(max_examples=8)
+def test_prefill_in_pieces_equals_reading_whole_and_stepping(variant, data):
+    """A sequence (left-padded in a batch) read in pieces of sizes hypothesis draws: the logits and states of one
+    prefill over it, and of stepping through it token by token; past max_seq_length too (sliding window)."""
+    model = tiny_jamba(**MODEL_VARIANTS[variant], max_seq_length=16).double().eval()
+    l = data.draw(st.integers(2, 40))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, l - 1), max_size=4))))
+    short = max(1, l - 5)
+    idx, mask = pad_prompts([torch.randint(0, 11, (length,)) for length in (l, short)])
+    with torch.no_grad():
+        whole, whole_states = model.prefill(idx, attention_mask=mask)
+        pieces, states = [], None
+        for start, end in zip([0, *cuts], [*cuts, l]):
+            logits, states = model.prefill(idx[:, start:end], states, mask[:, start:end])
+            pieces.append(logits)
+        first = l - short + 1                                 # step() takes tokens only: past the pads
+        logits, step_states = model.prefill(idx[:, :first], attention_mask=mask[:, :first])
+        stepped = [logits]
+        for t in range(first, l):
+            logits, step_states = model.step(idx[:, t], step_states)
+            stepped.append(logits[:, None])
+    tokens = mask.bool()
+    for other, other_states in ((torch.cat(pieces, 1), states), (torch.cat(stepped, 1), step_states)):
+        torch.testing.assert_close(other[tokens], whole[tokens], rtol=1e-9, atol=1e-9)
+        for state, expected in zip(other_states, whole_states):
+            if isinstance(state, AttentionCache):             # the filled slots (the room may differ)
+                filled = min(expected.seen, 16)
+                assert state.seen == expected.seen
+                assert torch.equal(state.positions[:, :filled], expected.positions[:, :filled])
+                state, expected = ((c.keys[:, :, :filled], c.values[:, :, :filled]) for c in (state, expected))
+            for part, expected_part in zip(state, expected):
+                torch.testing.assert_close(part, expected_part, rtol=1e-9, atol=1e-12)
+
+
+def test_generate_reads_a_long_prompt_in_parallel_pieces():
+    """A prompt of 3.5 x max_seq_length: generate's pieces give what reading max_seq_length, then stepping, gives."""
+    model = tiny_jamba(1, 1, max_seq_length=8, rotary=True).double().eval()
+    prompt = torch.randint(0, 11, (2, 28), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits, states = model.prefill(prompt[:, :8])
+        for t in range(8, 28):
+            logits, states = model.step(prompt[:, t], states)
+        expected = [prompt, logits.argmax(-1, keepdim=True)]
+        for _ in range(5):
+            logits, states = model.step(expected[-1][:, 0], states)
+            expected.append(logits.argmax(-1, keepdim=True))
+    assert torch.equal(model.generate(prompt, 6, temperature=0), torch.cat(expected, dim=1))
+
+
+def test_masks_and_states_are_checked_before_any_work():
+    model = tiny_jamba()
+    idx = torch.randint(0, 11, (2, 5))
+    ones = torch.ones(2, 5, dtype=torch.long)
+    _, states = model.prefill(idx)
+    other_model_states = tiny_jamba(2, 2).prefill(idx)[1]
+    cases = [
+        (lambda: model(idx, attention_mask=ones[:, :4]), r"attention_mask must be a tensor of idx's shape \(2, 5\)"),
+        (lambda: model(idx, attention_mask=[[1] * 5] * 2), "attention_mask must be a tensor of idx's shape"),
+        (lambda: model(idx, attention_mask=ones.float()), "as bool or int, got torch.float32"),
+        (lambda: model(idx, attention_mask=ones * 2), "only 1 \\(token\\) and 0 \\(pad\\)"),
+        (lambda: model.prefill(idx, attention_mask=ones * 0), "every position as a pad"),
+        (lambda: model.generate(idx, 1, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5])),
+         "must be left-padded for generate"),
+        (lambda: model.generate(idx, 1, attention_mask=torch.tensor([[0, 1, 0, 1, 1], [1] * 5])),
+         "must be left-padded for generate"),
+        (lambda: model.prefill(idx, states[:3]), "states must be the list of 4 layer states"),
+        (lambda: model.prefill(idx, other_model_states), r"states\[1\] is not a state of layer 1 \(MambaBlock\)"),
+        (lambda: model.prefill(idx[:1], states), r"states\[0\] is not a state of layer 0 \(MambaBlock\) for a batch"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Against the public Jamba: transformers' JambaForCausalLM (pure PyTorch) on tiny random configurations
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -731,6 +869,24 @@ def test_from_pretrained_matches_transformers(hf_checkpoint, name):
     again = Jamba(model.config)
     again.load_state_dict(model.state_dict())
     assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["jamba", "attention_first"])
+def test_left_padded_batch_matches_transformers(hf_checkpoint, name):
+    """A left-padded batch with its attention_mask: transformers' logits at every token (1e-5 relative), its
+    load-balancing term with the mask, and its greedy tokens from generate with the mask."""
+    hf_model, path = hf_checkpoint(name)
+    model = Jamba.from_pretrained(path)
+    g = torch.Generator().manual_seed(2)
+    idx, mask = pad_prompts([torch.randint(1, 64, (length,), generator=g) for length in (3, 12, 7, 1)])
+    with torch.no_grad():
+        expected = hf_model(input_ids=idx, attention_mask=mask, output_router_logits=True)
+        logits, _ = model(idx, attention_mask=mask)
+    tokens = mask.bool()
+    assert_relative(logits[tokens], expected.logits[tokens], 1e-5, "logits at the tokens")
+    assert model.aux_loss.item() == pytest.approx(expected.aux_loss.item(), rel=1e-5)
+    assert torch.equal(model.generate(idx, 15, temperature=0, attention_mask=mask),
+                       hf_model.generate(idx, attention_mask=mask, max_new_tokens=15, do_sample=False))
 
 
 def test_checkpoint_in_bfloat16_generates_close_to_float32(hf_checkpoint):

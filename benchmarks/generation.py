@@ -8,6 +8,8 @@ steps of generation (the median step is the time per token) and count the bytes 
 sequence: the attention key/value caches (sized for L + new tokens) and the Mamba conv and SSM states. The plain
 Mamba and the hybrid are also timed with scan="parallel", whose Mamba layers step in small torch operations
 instead of the fused library's one call (the same weights, in the same process, context by context).
+Then a prompt of 4 x max_seq_length tokens is read both ways generate has done it: max_seq_length in parallel and
+the rest token by token (before), and in parallel pieces of max_seq_length (now).
 """
 
 import argparse
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from _common import machine, pyplot, save_figure, write_table
+from _common import machine, median_ms, pyplot, save_figure, write_table
 from JAMBA import Jamba, layer_schedule
 
 
@@ -31,19 +33,45 @@ UNFUSED = {"mamba, torch step": "mamba", "hybrid, torch step": "hybrid"}     # s
 
 
 @torch.no_grad()
-def measure(model, context, new_tokens):
-    """(median seconds per generated token, state bytes per sequence) after prefilling `context` tokens."""
-    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    logits, states = model.prefill(prompt)
-    token = logits[:, -1].argmax(-1)
-    state_bytes = sum(t.numel() * t.element_size() for state in states for t in state if torch.is_tensor(t))
-    times = []
+def measure(models, context, new_tokens):
+    """{name: (median seconds per generated token, state bytes per sequence)} after prefilling `context` tokens,
+    the models stepping in turns, so that a busy moment of a shared machine hits them alike."""
+    prompt = torch.randint(0, 256, (1, context), generator=torch.Generator().manual_seed(0))
+    tokens, states, times = {}, {}, {name: [] for name in models}
+    for name, model in models.items():
+        logits, states[name] = model.prefill(prompt)
+        tokens[name] = logits[:, -1].argmax(-1)
+    state_bytes = {name: sum(t.numel() * t.element_size() for state in model_states for t in state
+                             if torch.is_tensor(t)) for name, model_states in states.items()}
     for _ in range(new_tokens):
-        start = time.perf_counter()
-        logits, states = model.step(token, states)
-        token = logits.argmax(-1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), state_bytes
+        for name, model in models.items():
+            start = time.perf_counter()
+            logits, states[name] = model.step(tokens[name], states[name])
+            tokens[name] = logits.argmax(-1)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), state_bytes[name]) for name in models}
+
+
+@torch.no_grad()
+def read_long_prompt(model, length, repeats):
+    """{way: median milliseconds to read a prompt of `length` tokens} for the two ways, timed in turns."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    window = model.config.max_seq_length
+
+    def token_by_token():
+        _, states = model.prefill(prompt[:, :window])
+        for t in range(window, length):
+            _, states = model.step(prompt[:, t], states)
+
+    def in_pieces():
+        states = None
+        for start in range(0, length, window):
+            _, states = model.prefill(prompt[:, start:start + window], states)
+    times = {"token by token": [], "in pieces": []}
+    for _ in range(repeats):
+        for way, read in (("token by token", token_by_token), ("in pieces", in_pieces)):
+            times[way].append(median_ms(read, 1))
+    return {way: statistics.median(values) for way, values in times.items()}
 
 
 def main():
@@ -58,17 +86,33 @@ def main():
     results = {}
     plans = {**variants(n_layers), **{name: variants(n_layers)[of] for name, of in UNFUSED.items()}}
     for context in contexts:
+        models = {}
         for name, (n_mamba, n_attention) in plans.items():
             torch.manual_seed(0)   # the same weights at every context length, fused or not
-            model = Jamba(vocab_size=256, d_model=d_model, num_mamba_layers=n_mamba,
-                          num_transformer_layers=n_attention, nhead=4, dim_feedforward=2 * d_model,
-                          max_seq_length=context + new_tokens, scan="parallel" if name in UNFUSED else "auto").eval()
-            seconds, state_bytes = measure(model, context, new_tokens)
+            models[name] = Jamba(vocab_size=256, d_model=d_model, num_mamba_layers=n_mamba,
+                                 num_transformer_layers=n_attention, nhead=4, dim_feedforward=2 * d_model,
+                                 max_seq_length=context + new_tokens,
+                                 scan="parallel" if name in UNFUSED else "auto").eval()
+        for name, (seconds, state_bytes) in measure(models, context, new_tokens).items():
             results[name, context] = (seconds, state_bytes)
-            print(f"{name:18s} {model.layer_pattern} L={context:5d}: {1e3 * seconds:7.2f} ms/token, "
+            print(f"{name:18s} {models[name].layer_pattern} L={context:5d}: {1e3 * seconds:7.2f} ms/token, "
                   f"state {state_bytes / 2 ** 20:8.2f} MiB", flush=True)
+    long_rows = []
+    window = 16 if args.smoke else 128
+    for name, (n_mamba, n_attention) in variants(n_layers).items():
+        torch.manual_seed(0)
+        model = Jamba(vocab_size=256, d_model=d_model, num_mamba_layers=n_mamba, num_transformer_layers=n_attention,
+                      nhead=4, dim_feedforward=2 * d_model, max_seq_length=window).eval()
+        seconds = read_long_prompt(model, 4 * window, 1 if args.smoke else 5)
+        long_rows.append([name, model.layer_pattern, 4 * window, f"{seconds['token by token']:.0f}",
+                          f"{seconds['in pieces']:.0f}", f"{seconds['token by token'] / seconds['in pieces']:.1f}x"])
+        print(" | ".join(map(str, long_rows[-1])), flush=True)
     if args.smoke:
         return
+    write_table("generation_long_prompt", f"Reading a prompt of 4 x max_seq_length = {4 * window} tokens, d_model="
+                f"{d_model}, {n_layers} layers, batch 1, float32, CPU, median of 5", ["model", "layers", "prompt",
+                "max_seq_length in parallel, then token by token (ms)", "in parallel pieces of max_seq_length (ms)",
+                "speed-up"], long_rows)
     names = list(variants(n_layers))
     header = (["context"] + [f"{n} ms/token" for n in plans] + [f"{of} speed-up of the fused step"
                                                                for of in UNFUSED.values()]
