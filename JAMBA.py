@@ -77,8 +77,9 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """The scans' common start: upcast to the compute dtype (float32 for fp16/bf16, float64 stays float64), then
-    delta = softplus(delta + delta_bias) as the reference does."""
+    """The sequential and parallel scans' common start (the fused kernel does it inside): upcast to the compute
+    dtype (float32 for fp16/bf16, float64 stays float64), then delta = softplus(delta + delta_bias) as the reference
+    does."""
     compute = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -327,14 +328,50 @@ template <typename T> static inline T exp_(T x) {
     return x < lo ? T(0) : (x > hi ? T(INFINITY) : p * two_k);
 }
 
+// log(x) for x >= 1 (all softplus needs): x = 2^e m with m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s) with
+// s = (m - 1) / (m + 1), |s| < 0.18, by its series to s^9 (float) or s^19 (double). Vectorises as exp_ does.
+template <typename T> static inline T log_(T x) {
+    using I = typename Bits<T>::I;
+    I bits;
+    std::memcpy(&bits, &x, sizeof(T));
+    I e = (bits >> Bits<T>::mantissa) - Bits<T>::bias;
+    bits = (bits & ((I(1) << Bits<T>::mantissa) - 1)) | (I(Bits<T>::bias) << Bits<T>::mantissa);
+    T m;
+    std::memcpy(&m, &bits, sizeof(T));
+    const bool halve = m > T(1.4142135623730951);
+    m = halve ? m * T(0.5) : m;
+    e = halve ? e + 1 : e;
+    const T s = (m - T(1)) / (m + T(1)), s2 = s * s;
+    T p = T(1);
+#pragma GCC unroll 16
+    for (int i = sizeof(T) == 4 ? 9 : 19; i >= 3; i -= 2) p = T(1) + p * s2 * T((i - 2.0) / i);   // Horner
+    return T(e) * T(0.6931471805599453) + T(2) * s * p;
+}
+
+// softplus(x) = log(1 + e^x), with Goldberg's correction so that it stays exact where e^x is below the precision
+// of 1 + e^x, and x itself past 20, as torch's softplus.
+template <typename T> static inline T softplus_(T x) {
+    const T t = exp_(x), u = T(1) + t;
+    return x > T(20) ? x : (u == T(1) ? t : log_(u) * t / (u - T(1)));
+}
+
 template <typename T> struct Scan {
-    const T *u, *delta, *A, *B, *C, *D, *z, *h0;     // z may be null
+    const T *u, *delta, *delta_bias, *A, *B, *C, *D, *z, *h0;   // z may be null
+    bool softplus;                                    // delta = softplus(delta + delta_bias), else delta + delta_bias
     T *out, *last, *saved;                            // saved is null when no backward follows
     const T *grad_out, *grad_last;                    // grad_last may be null
     T *grad_u, *grad_delta, *grad_z, *grad_h0;
-    T *grad_A, *grad_D, *grad_B, *grad_C;             // one of each per thread: (threads, n, d), (threads, d),
-    int64_t b, l, d, n;                               // (threads, b, l, n); the caller sums them
+    T* sums;                                          // per thread: grad_A (n, d), grad_D (d), grad_delta_bias (d),
+    int64_t b, l, d, n;                               // grad_B, grad_C (b, l, n); the caller adds them up
 };
+
+// delta for one step of a block: the raw delta plus its bias, through softplus ([Mamba] Section 3.6, as the
+// reference's delta_softplus), here rather than in a pass of its own over (b, l, d).
+template <typename T> static inline void step_delta(const Scan<T>& s, int64_t row, int64_t c0, T* delta) {
+    for (int c = 0; c < W; ++c) delta[c] = s.delta[row + c] + s.delta_bias[c0 + c];
+    if (s.softplus)
+        for (int c = 0; c < W; ++c) delta[c] = softplus_(delta[c]);
+}
 
 // One time step of a block: for each state dimension k, h_k = exp(delta A_k) h_k + delta B_k u (Eq. 2a with the
 // ZOH of Eq. 4) and y += C_k h_k (Eq. 2b). dA receives exp(delta A) (n x W) for the backward.
@@ -355,9 +392,9 @@ template <typename T> static inline void ssm_step(const T* __restrict delta, con
 }
 
 template <typename T> struct Block {                  // one thread's scratch space
-    std::vector<T> A, dA, h, y, g, grad_A;
-    Block(int64_t n, int64_t steps) : A(n * W), dA(steps * n * W), h((steps + 1) * n * W), y(steps * W),
-                                      g(n * W), grad_A(n * W) {}
+    std::vector<T> A, delta, dA, h, y, g, grad_A;
+    Block(int64_t n, int64_t steps) : A(n * W), delta(steps * W), dA(steps * n * W), h((steps + 1) * n * W),
+                                      y(steps * W), g(n * W), grad_A(n * W) {}
 };
 
 template <typename T> static void forward_block(const Scan<T>& s, int64_t bi, int64_t c0, Block<T>& m) {
@@ -366,14 +403,14 @@ template <typename T> static void forward_block(const Scan<T>& s, int64_t bi, in
         std::memcpy(&m.A[k * W], s.A + k * d + c0, W * sizeof(T));
         for (int c = 0; c < W; ++c) m.h[k * W + c] = s.h0[(bi * d + c0 + c) * n + k];
     }
-    T y[W];
+    T y[W], delta[W];
     for (int64_t t = 0; t < l; ++t) {
         if (s.saved && t % CHUNK == 0)                  // where the backward will restart this chunk from
             for (int64_t k = 0; k < n; ++k)
                 std::memcpy(s.saved + ((bi * chunks + t / CHUNK) * n + k) * d + c0, &m.h[k * W], W * sizeof(T));
         const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n;
-        ssm_step(s.delta + row, s.u + row, m.A.data(), s.B + bc, s.C + bc, n, m.h.data(), m.h.data(), y,
-                 m.dA.data());
+        step_delta(s, row, c0, delta);
+        ssm_step(delta, s.u + row, m.A.data(), s.B + bc, s.C + bc, n, m.h.data(), m.h.data(), y, m.dA.data());
         // The skip connection D u and the gate silu(z) of Figure 3, on y while it is in registers.
         T* __restrict out = s.out + row;
         for (int c = 0; c < W; ++c) out[c] = y[c] + s.D[c0 + c] * s.u[row + c];
@@ -390,9 +427,9 @@ template <typename T> static void forward_block(const Scan<T>& s, int64_t bi, in
 // rerun forward from the state saved at its start (h[0..CHUNK], dA kept), then walked backwards.
 template <typename T> static void backward_block(const Scan<T>& s, int tid, int64_t bi, int64_t c0, Block<T>& m) {
     const int64_t l = s.l, d = s.d, n = s.n, chunks = (l + CHUNK - 1) / CHUNK;
-    T* grad_B = s.grad_B + tid * s.b * l * n;
-    T* grad_C = s.grad_C + tid * s.b * l * n;
-    T grad_D[W] = {};
+    T *grad_A_sum = s.sums + tid * (n * d + 2 * d + 2 * s.b * l * n), *grad_D_sum = grad_A_sum + n * d;
+    T *grad_bias_sum = grad_D_sum + d, *grad_B = grad_bias_sum + d, *grad_C = grad_B + s.b * l * n;
+    T grad_D[W] = {}, grad_bias[W] = {};
     for (int64_t k = 0; k < n; ++k) {
         std::memcpy(&m.A[k * W], s.A + k * d + c0, W * sizeof(T));
         for (int c = 0; c < W; ++c) {
@@ -406,12 +443,13 @@ template <typename T> static void backward_block(const Scan<T>& s, int tid, int6
             std::memcpy(&m.h[k * W], s.saved + ((bi * chunks + j) * n + k) * d + c0, W * sizeof(T));
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n, i = t - t0;
-            ssm_step(s.delta + row, s.u + row, m.A.data(), s.B + bc, s.C + bc, n, &m.h[i * n * W],
+            step_delta(s, row, c0, &m.delta[i * W]);
+            ssm_step(&m.delta[i * W], s.u + row, m.A.data(), s.B + bc, s.C + bc, n, &m.h[i * n * W],
                      &m.h[(i + 1) * n * W], &m.y[i * W], &m.dA[i * n * W]);
         }
         for (int64_t t = t1 - 1; t >= t0; --t) {
             const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n, i = t - t0;
-            const T *u = s.u + row, *delta = s.delta + row, *D = s.D + c0;
+            const T *u = s.u + row, *delta = &m.delta[i * W], *D = s.D + c0;
             T grad_y[W], grad_u[W], grad_delta[W], du[W];
             for (int c = 0; c < W; ++c) {
                 grad_y[c] = s.grad_out[row + c];
@@ -453,6 +491,10 @@ template <typename T> static void backward_block(const Scan<T>& s, int tid, int6
                 grad_B[bc + k] += sum_B;
                 grad_C[bc + k] += sum_C;
             }
+            if (s.softplus)                              // d softplus(x) / dx = sigmoid(x)
+                for (int c = 0; c < W; ++c)
+                    grad_delta[c] /= T(1) + exp_(-(s.delta[row + c] + s.delta_bias[c0 + c]));
+            for (int c = 0; c < W; ++c) grad_bias[c] += grad_delta[c];
             std::memcpy(s.grad_u + row, grad_u, W * sizeof(T));
             std::memcpy(s.grad_delta + row, grad_delta, W * sizeof(T));
         }
@@ -460,9 +502,12 @@ template <typename T> static void backward_block(const Scan<T>& s, int tid, int6
     for (int64_t k = 0; k < n; ++k)
         for (int c = 0; c < W; ++c) {
             s.grad_h0[(bi * d + c0 + c) * n + k] = m.g[k * W + c];
-            s.grad_A[(tid * n + k) * d + c0 + c] += m.grad_A[k * W + c];
+            grad_A_sum[k * d + c0 + c] += m.grad_A[k * W + c];
         }
-    for (int c = 0; c < W; ++c) s.grad_D[tid * d + c0 + c] += grad_D[c];
+    for (int c = 0; c < W; ++c) {
+        grad_D_sum[c0 + c] += grad_D[c];
+        grad_bias_sum[c0 + c] += grad_bias[c];
+    }
 }
 
 // The causal depthwise convolution of width k and its SiLU, in front of the SSM (Figure 3): for each channel,
@@ -603,23 +648,24 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
 }
 
 #define EXPORT(T, suffix)                                                                                         \
-    extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,         \
-                                          const T* D, const T* z, const T* h0, T* out, T* last, T* saved,         \
-                                          int64_t b, int64_t l, int64_t d, int64_t n, int threads) {              \
-        const Scan<T> s{u, delta, A, B, C, D, z, h0, out, last, saved, nullptr, nullptr, nullptr, nullptr,       \
+    extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,          \
+                                          const T* A, const T* B, const T* C, const T* D, const T* z,             \
+                                          const T* h0, T* out, T* last, T* saved, int64_t b, int64_t l,           \
+                                          int64_t d, int64_t n, int threads) {                                    \
+        const Scan<T> s{u, delta, delta_bias, A, B, C, D, z, h0, softplus != 0, out, last, saved, nullptr,       \
                         nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, b, l, d, n};                      \
         in_parallel(b * (d / W), threads, [&](int, int64_t begin, int64_t end) {                                 \
             Block<T> m(n, 1);                                                                                     \
             for (int64_t i = begin; i < end; ++i) forward_block(s, i / (d / W), i % (d / W) * W, m);              \
         });                                                                                                       \
     }                                                                                                             \
-    extern "C" void scan_backward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
-                                           const T* D, const T* z, const T* saved, const T* grad_out,             \
-                                           const T* grad_last, T* grad_u, T* grad_delta, T* grad_z, T* grad_h0,   \
-                                           T* grad_A, T* grad_D, T* grad_B, T* grad_C, int64_t b, int64_t l,      \
+    extern "C" void scan_backward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,         \
+                                           const T* A, const T* B, const T* C, const T* D, const T* z,            \
+                                           const T* saved, const T* grad_out, const T* grad_last, T* grad_u,      \
+                                           T* grad_delta, T* grad_z, T* grad_h0, T* sums, int64_t b, int64_t l,   \
                                            int64_t d, int64_t n, int threads) {                                   \
-        const Scan<T> s{u, delta, A, B, C, D, z, nullptr, nullptr, nullptr, (T*)saved, grad_out, grad_last,      \
-                        grad_u, grad_delta, grad_z, grad_h0, grad_A, grad_D, grad_B, grad_C, b, l, d, n};       \
+        const Scan<T> s{u, delta, delta_bias, A, B, C, D, z, nullptr, softplus != 0, nullptr, nullptr,            \
+                        (T*)saved, grad_out, grad_last, grad_u, grad_delta, grad_z, grad_h0, sums, b, l, d, n};   \
         in_parallel(b * (d / W), threads, [&](int tid, int64_t begin, int64_t end) {                             \
             Block<T> m(n, CHUNK);                                                                                 \
             for (int64_t i = begin; i < end; ++i) backward_block(s, tid, i / (d / W), i % (d / W) * W, m);        \
@@ -717,48 +763,52 @@ def _pointer(tensor):
 
 class _FusedSelectiveScan(torch.autograd.Function):
     """out = (C . h + D u) * silu(z) and h_l, by the fused kernel (_FUSED_SOURCE), forward and backward. Inputs in
-    the compute dtype, delta already biased and softplus-ed; D (d,) and h0 (b, d, n) always given (zeros for none),
-    z (b, d, l) or None. The kernel wants channels contiguous and d in whole blocks: (b, d, l) views of (b, l, d)
-    tensors, as the Mamba block's are, cost no copy."""
+    the compute dtype: u, delta (before its bias) and z (b, d, l), z possibly None; delta_bias and D (d,) and h0
+    (b, d, n), zeros for none; softplus a bool. The kernel wants channels contiguous and d in whole blocks: (b, d, l)
+    views of (b, l, d) tensors, as the Mamba block's are, cost no copy."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, h0):
+    def forward(ctx, u, delta, delta_bias, softplus, A, B, C, D, z, h0):
+        ctx.set_materialize_grads(False)                                # an unused output's gradient stays None
         b, d, l = u.shape
         n = A.shape[1]
         pad = -d % _FUSED_LANES                                          # channels of zeros up to whole blocks
         u, delta, z = (None if x is None else _channels_last(x, pad) for x in (u, delta, z))   # (b, l, d + pad)
-        A = F.pad(A, (0, 0, 0, pad)).t().contiguous()                    # (n, d + pad)
-        D, h0 = F.pad(D, (0, pad)).contiguous(), F.pad(h0, (0, 0, 0, pad)).contiguous()   # (d + pad,), (b, d + pad, n)
+        A = _pad_channels(A, pad, 0).t().contiguous()                   # (n, d + pad)
+        delta_bias, D, h0 = _pad_channels(delta_bias, pad, 0), _pad_channels(D, pad, 0), _pad_channels(h0, pad, 1)
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()           # (b, l, n)
         out, last_state = torch.empty_like(u), torch.empty_like(h0)     # (b, l, d + pad), (b, d + pad, n)
         saved = u.new_empty(b, -(-l // _FUSED_CHUNK), n, d + pad) if any(ctx.needs_input_grad) else None
-        kernel = getattr(_fused_library(), "scan_forward_" + _FUSED_TYPES[u.dtype])
-        kernel(*map(_pointer, (u, delta, A, B, C, D, z, h0, out, last_state, saved)),
-               *map(ctypes.c_int64, (b, l, d + pad, n)), ctypes.c_int(_fused_threads(b, l, d + pad, n)))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, saved)
-        ctx.d = d
+        getattr(_fused_library(), "scan_forward_" + _FUSED_TYPES[u.dtype])(
+            _pointer(u), _pointer(delta), _pointer(delta_bias), ctypes.c_int(softplus),
+            *map(_pointer, (A, B, C, D, z, h0, out, last_state, saved)), *map(ctypes.c_int64, (b, l, d + pad, n)),
+            ctypes.c_int(_fused_threads(b, l, d + pad, n)))
+        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, saved)
+        ctx.d, ctx.softplus = d, softplus
         return out[..., :d].transpose(1, 2), last_state[:, :d]          # (b, d, l), (b, d, n)
 
     @staticmethod
     def backward(ctx, grad_out, grad_last_state):
-        u, delta, A, B, C, D, z, saved = ctx.saved_tensors
-        b, l, padded = u.shape
-        n, d = A.shape[0], ctx.d
+        u, delta, delta_bias, A, B, C, D, z, saved = ctx.saved_tensors
+        (b, l, padded), n, d = u.shape, A.shape[0], ctx.d
         threads = _fused_threads(b, l, padded, n)
-        grad_out = _channels_last(grad_out, padded - d)                  # (b, l, d + pad)
-        grad_last_state = F.pad(grad_last_state, (0, 0, 0, padded - d)).contiguous()     # (b, d + pad, n)
+        grad_out = torch.zeros_like(u) if grad_out is None else _channels_last(grad_out, padded - d)  # (b, l, d + pad)
+        if grad_last_state is not None:
+            grad_last_state = _pad_channels(grad_last_state, padded - d, 1)                      # (b, d + pad, n)
         grad_u, grad_delta = torch.empty_like(u), torch.empty_like(u)    # (b, l, d + pad)
         grad_z = None if z is None else torch.empty_like(u)
-        grad_h0 = torch.empty_like(grad_last_state)                     # (b, d + pad, n)
-        # Sums over channels (B, C) and over sequences (A, D) are gathered per thread, then added here.
-        grad_A, grad_D = u.new_zeros(threads, n, padded), u.new_zeros(threads, padded)
-        grad_B, grad_C = u.new_zeros(threads, b, l, n), u.new_zeros(threads, b, l, n)
-        kernel = getattr(_fused_library(), "scan_backward_" + _FUSED_TYPES[u.dtype])
-        kernel(*map(_pointer, (u, delta, A, B, C, D, z, saved, grad_out, grad_last_state, grad_u, grad_delta, grad_z,
-                               grad_h0, grad_A, grad_D, grad_B, grad_C)),
-               *map(ctypes.c_int64, (b, l, padded, n)), ctypes.c_int(threads))
-        return (grad_u[..., :d].transpose(1, 2), grad_delta[..., :d].transpose(1, 2), grad_A.sum(0)[:, :d].t(),
-                grad_B.sum(0).transpose(1, 2), grad_C.sum(0).transpose(1, 2), grad_D.sum(0)[:d],
+        grad_h0 = u.new_empty(b, padded, n)                             # (b, d + pad, n)
+        # Sums over sequences (A, D, delta_bias) and over channels (B, C) are gathered per thread, added here.
+        sizes = [n * padded, padded, padded, b * l * n, b * l * n]
+        sums = u.new_zeros(threads, sum(sizes))
+        getattr(_fused_library(), "scan_backward_" + _FUSED_TYPES[u.dtype])(
+            _pointer(u), _pointer(delta), _pointer(delta_bias), ctypes.c_int(ctx.softplus),
+            *map(_pointer, (A, B, C, D, z, saved, grad_out, grad_last_state, grad_u, grad_delta, grad_z, grad_h0,
+                            sums)), *map(ctypes.c_int64, (b, l, padded, n)), ctypes.c_int(threads))
+        grad_A, grad_D, grad_delta_bias, grad_B, grad_C = sums.sum(0).split(sizes)
+        return (grad_u[..., :d].transpose(1, 2), grad_delta[..., :d].transpose(1, 2), grad_delta_bias[:d], None,
+                grad_A.view(n, padded)[:, :d].t(), grad_B.view(b, l, n).transpose(1, 2),
+                grad_C.view(b, l, n).transpose(1, 2), grad_D[:d],
                 None if z is None else grad_z[..., :d].transpose(1, 2), grad_h0[:, :d])
 
 
@@ -772,8 +822,7 @@ class _FusedCausalConv(torch.autograd.Function):
         k = weight.shape[1]
         pad = -d % _FUSED_LANES
         x = _channels_last(x.transpose(1, 2), pad)                    # (b, l, d + pad)
-        weight = F.pad(weight, (0, 0, 0, pad)).t().contiguous()         # (k, d + pad)
-        bias = F.pad(bias, (0, pad)).contiguous()                       # (d + pad,)
+        weight, bias = _pad_channels(weight, pad, 0).t().contiguous(), _pad_channels(bias, pad, 0)   # (k, d), (d,)
         out = torch.empty_like(x)                                      # (b, l, d + pad)
         getattr(_fused_library(), "conv_forward_" + _FUSED_TYPES[x.dtype])(
             *map(_pointer, (x, weight, bias, out)), *map(ctypes.c_int64, (b, l, d + pad, k)),
@@ -799,10 +848,16 @@ class _FusedCausalConv(torch.autograd.Function):
 _FUSED_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
+def _pad_channels(x, pad, dim):
+    """x, contiguous, with pad channels of zeros after its own along dim."""
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim)
+    return x.contiguous()
+
+
 def _channels_last(x, pad):
     """(b, d, l) -> (b, l, d + pad), contiguous, the pad channels 0: no copy for a view of a (b, l, d) tensor."""
-    x = x.transpose(1, 2)
-    return (F.pad(x, (0, pad)) if pad else x).contiguous()
+    return _pad_channels(x.transpose(1, 2), pad, 2)
 
 
 def _fused_threads(b, l, d, n):
@@ -831,11 +886,12 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if devices != {"cpu"}:
         raise ValueError(f"the fused selective scan runs on CPU tensors, got tensors on {sorted(devices)}: use "
                          "selective_scan_parallel (scan='parallel' or 'auto') there")
-    dtype_in = u.dtype
-    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-    D = u.new_zeros(u.shape[1]) if D is None else D.to(u.dtype)
-    h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(u.dtype)
-    out, last_state = _FusedSelectiveScan.apply(u, delta, A, B, C, D, None if z is None else z.to(u.dtype), h0)
+    dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
+    delta_bias, D = (u.new_zeros(u.shape[1]) if x is None else x.to(compute) for x in (delta_bias, D))
+    h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(compute)
+    out, last_state = _FusedSelectiveScan.apply(u, delta, delta_bias, bool(delta_softplus), A, B, C, D,
+                                                None if z is None else z.to(compute), h0)
     return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
 
 
