@@ -1612,7 +1612,7 @@ class Jamba(nn.Module):
         return torch.cat([idx, torch.stack(new_tokens, dim=1).to(idx.dtype)], dim=1) if new_tokens else idx
 
     # -----------------------------------------------------------------------------------------------------------
-    # 7. Loading a released Jamba checkpoint
+    # 7. Checkpoints in and out: a released Jamba loaded, a model saved in its format
     # -----------------------------------------------------------------------------------------------------------
 
     @classmethod
@@ -1648,6 +1648,40 @@ class Jamba(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embedding.weight
         return model.eval()
+
+    def save_pretrained(self, path, special_token_ids=None, files=None):
+        """Write the model as a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that
+        transformers and from_pretrained read; special_token_ids, e.g. {"eos_token_id": 2}, go into config.json
+        (all None by default: generation then stops only at max_new_tokens, as ours does), and files, {name:
+        text}, beside them (a tokenizer's tokenizer.json, for one). The directory is
+        written whole into a temporary one beside it and renamed into place, replacing what was there, so it
+        never holds half a checkpoint. A model the format cannot express raises before anything is written.
+        Needs the safetensors package."""
+        from safetensors.torch import save_file   # only here, so that JAMBA.py itself needs nothing but torch
+
+        hf_config = _hf_config(self, special_token_ids)
+        state, tensors = self.state_dict(), {}
+        for key, name in _hf_names(self).items():
+            parts = state[key].split(_qkv_sizes(self, key)) if isinstance(name, tuple) else [state[key]]
+            for part_name, part in zip(name if isinstance(name, tuple) else [name], parts):
+                tensors[part_name] = part.detach().contiguous().cpu()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        try:
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
 
 
 def pad_prompts(prompts, pad_id=0):
@@ -1724,11 +1758,40 @@ def _read_hf_config(path):
     return config, files
 
 
-def _state_from_hf(hf_state, model):
-    """model's state_dict from the tensors of a JambaForCausalLM checkpoint. Our names map onto theirs:
+def _hf_names(model):
+    """Our state_dict's keys -> the names a JambaForCausalLM checkpoint gives those tensors, for loading and saving:
     embedding = model.embed_tokens, norm = model.final_layernorm, layers.i = model.layers.i, and in a layer
-    mixer_norm = input_layernorm, mlp_norm = pre_ff_layernorm, mixer = mamba or self_attn, mlp = feed_forward;
-    attention's qkv_proj stacks q_proj, k_proj, v_proj and its out_proj is o_proj."""
+    mixer_norm = input_layernorm, mlp_norm = pre_ff_layernorm, mixer = mamba or self_attn, mlp = feed_forward
+    (experts in the per-expert layout of the released files: experts.{e}.gate_proj, ...). Attention's qkv_proj
+    is q_proj, k_proj and v_proj stacked (a tuple of the three names), its out_proj o_proj. A tied head has none."""
+    names = {}
+    for key in model.state_dict():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if not key.startswith("layers."):
+            names[key] = {"embedding.weight": "model.embed_tokens.weight",
+                          "norm.weight": "model.final_layernorm.weight"}.get(key, key)
+            continue
+        _, i, module, rest = key.split(".", 3)
+        prefix = f"model.layers.{i}."
+        if module == "mixer" and model.layer_pattern[int(i)] == "A":
+            names[key] = (tuple(f"{prefix}self_attn.{p}_proj.weight" for p in "qkv") if rest == "qkv_proj.weight"
+                          else f"{prefix}self_attn.o_proj.weight")
+        else:
+            names[key] = prefix + {"mixer": "mamba", "mixer_norm": "input_layernorm", "mlp_norm": "pre_ff_layernorm",
+                                   "mlp": "feed_forward"}[module] + "." + rest
+    return names
+
+
+def _qkv_sizes(model, key):
+    """The rows of q, k and v in the qkv_proj.weight under key: d_model, then g e twice."""
+    mixer = model.get_submodule(key.removesuffix(".qkv_proj.weight"))
+    return [model.config.d_model] + 2 * [mixer.num_key_value_heads * mixer.head_size]
+
+
+def _state_from_hf(hf_state, model):
+    """model's state_dict from the tensors of a JambaForCausalLM checkpoint (names as _hf_names maps them), which
+    may also keep experts stacked in two tensors per layer (experts.gate_up_proj, experts.down_proj)."""
     c, used, state = model.config, set(), {}
 
     def take(hf_key, expected_shape):
@@ -1749,41 +1812,54 @@ def _state_from_hf(hf_state, model):
                 raise ValueError(f"layer {i}: cannot read its experts: expected {prefix}{{e}}.gate_proj.weight "
                                  f"(released files) or {prefix}gate_up_proj (transformers), found {found}")
             E, f, m = c.num_experts, c.dim_feedforward, c.d_model
-            stacked[i] = (take(f"{prefix}gate_up_proj", (E, 2 * f, m)), take(f"{prefix}down_proj", (E, m, f)))
+            stacked[prefix] = (take(f"{prefix}gate_up_proj", (E, 2 * f, m)), take(f"{prefix}down_proj", (E, m, f)))
 
-    for key, param in model.state_dict().items():
-        if key == "lm_head.weight" and c.tie_word_embeddings:
-            used.add("lm_head.weight")                  # tied: the embedding's tensor, whether stored twice or not
-            state[key] = state["embedding.weight"]
-            continue
-        if not key.startswith("layers."):
-            names = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
-            state[key] = take(names.get(key, key), param.shape)
-            continue
-        _, i, module, rest = key.split(".", 3)
-        prefix = f"model.layers.{i}."
-        if module == "mixer" and model.layer_pattern[int(i)] == "A":
-            if rest == "qkv_proj.weight":
-                q_k_v = [take(f"{prefix}self_attn.{name}_proj.weight", shape) for name, shape in zip(
-                    "qkv", [(c.d_model, c.d_model)] + 2 * [((param.shape[0] - c.d_model) // 2, c.d_model)])]
-                state[key] = torch.cat(q_k_v)
-            else:
-                state[key] = take(f"{prefix}self_attn.o_proj.weight", param.shape)
-        elif module == "mlp" and int(i) in stacked:
-            gate_up, down = stacked[int(i)]
-            if rest.startswith("experts."):
-                _, e, name, _ = rest.split(".")
-                f = c.dim_feedforward
-                state[key] = {"gate_proj": gate_up[int(e), :f], "up_proj": gate_up[int(e), f:],
-                              "down_proj": down[int(e)]}[name]
-            else:
-                state[key] = take(f"{prefix}feed_forward.{rest}", param.shape)
+    shapes = {key: param.shape for key, param in model.state_dict().items()}
+    for key, name in _hf_names(model).items():
+        if isinstance(name, tuple):                 # q, k, v stacked into qkv_proj
+            state[key] = torch.cat([take(part, (rows, c.d_model)) for part, rows in zip(name, _qkv_sizes(model, key))])
+        elif name.rsplit(".", 3)[0] + "." in stacked:
+            gate_up, down = stacked[name.rsplit(".", 3)[0] + "."]
+            _, e, kind, _ = name.rsplit(".", 3)
+            f = c.dim_feedforward
+            state[key] = {"gate_proj": gate_up[int(e), :f], "up_proj": gate_up[int(e), f:],
+                          "down_proj": down[int(e)]}[kind]
         else:
-            hf_module = {"mixer": "mamba", "mixer_norm": "input_layernorm", "mlp_norm": "pre_ff_layernorm",
-                         "mlp": "feed_forward"}[module]
-            state[key] = take(f"{prefix}{hf_module}.{rest}", param.shape)
+            state[key] = take(name, shapes[key])
+    if c.tie_word_embeddings:                       # tied: the embedding's tensor, whether stored twice or not
+        used.add("lm_head.weight")
+        state["lm_head.weight"] = state["embedding.weight"]
     unexpected = sorted(set(hf_state) - used)
     if unexpected:
         raise ValueError(f"the checkpoint has {len(unexpected)} tensors its config.json does not account for, "
                          f"e.g. {unexpected[:3]}")
     return state
+
+
+def _hf_config(model, special_token_ids):
+    """config.json for JambaForCausalLM: every setting of model in the public configuration's names (a ValueError
+    saying what to change where the format cannot express the model)."""
+    c, n_layers = model.config, len(model.layers)
+    if any(isinstance(layer.mixer, AttentionBlock) and layer.mixer.rotary for layer in model.layers):
+        raise ValueError("the model has rotary positions in an attention layer, which Jamba's format cannot express "
+                         "(its attention has no positional encoding): build it with rotary=False")
+    plans = [(c.attn_layer_period, c.attn_layer_offset)] if c.attn_layer_period is not None else [
+        (period, offset) for period in range(1, n_layers + 2) for offset in range(period)]
+    plan = next(((period, offset) for period, offset in plans if model.layer_pattern == "".join(
+        "A" if i % period == offset else "M" for i in range(n_layers))), None)
+    if plan is None:
+        raise ValueError(f"layer_pattern {model.layer_pattern!r} is not one that attn_layer_period and "
+                         "attn_layer_offset give (attention where i % period == offset): choose a number of "
+                         "attention layers that divides the layers evenly, or set the period and offset")
+    return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "intermediate_size": c.dim_feedforward, "num_hidden_layers": n_layers,
+            "num_attention_heads": c.nhead, "num_key_value_heads": c.num_key_value_heads or c.nhead,
+            "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
+            "max_position_embeddings": c.max_seq_length, "attention_dropout": 0.0, "num_experts": c.num_experts,
+            "num_experts_per_tok": c.num_experts_per_tok, "expert_layer_period": c.expert_layer_period,
+            "expert_layer_offset": c.expert_layer_offset, "attn_layer_period": plan[0], "attn_layer_offset": plan[1],
+            "router_aux_loss_coef": c.router_aux_loss_coef, "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv,
+            "mamba_expand": c.expand, "mamba_dt_rank": model.layers[0].mixer.dt_rank if "M" in model.layer_pattern
+            else c.dt_rank, "mamba_conv_bias": True, "mamba_proj_bias": False,
+            "dtype": str(model.embedding.weight.dtype).removeprefix("torch."),
+            **dict(dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")), **(special_token_ids or {}))}

@@ -925,6 +925,54 @@ def test_from_pretrained_reads_shards_and_the_stacked_expert_layout(hf_checkpoin
         assert all(torch.equal(loaded[key], value) for key, value in expected.items()), directory.name
 
 
+# The variants Jamba's format expresses: rotary positions cannot be, so the plain transformer has none.
+SAVE_VARIANTS = {"hybrid": dict(), "jamba": dict(MODEL_VARIANTS["jamba"], tie_word_embeddings=False),
+                 "mamba": MODEL_VARIANTS["mamba"], "transformer": dict(MODEL_VARIANTS["transformer"], rotary=False)}
+
+
+@pytest.mark.parametrize("variant", SAVE_VARIANTS)
+def test_save_pretrained_loads_in_transformers_and_round_trips(tmp_path, variant):
+    """transformers reads what save_pretrained writes with no missing or unexpected key and gives our logits
+    (1e-5 relative), loss and greedy tokens; from_pretrained reads it back to the same tensors."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (.ci/run installs it)")
+    model = tiny_jamba(**SAVE_VARIANTS[variant]).eval()
+    path = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]           # no temporary directory left over
+    hf_model, info = transformers.JambaForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)
+    with torch.no_grad():
+        # transformers' Jamba cannot cache a model with no attention layer, so the plain Mamba runs without one.
+        expected = hf_model(input_ids=idx, labels=idx, use_cache=variant != "mamba")
+        logits, loss = model(idx, targets)
+        if variant == "mamba":
+            hf_tokens = idx[:, :4]
+            for _ in range(8):
+                next_token = hf_model(input_ids=hf_tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                hf_tokens = torch.cat([hf_tokens, next_token], dim=1)
+        else:
+            hf_tokens = hf_model.generate(idx[:, :4], max_new_tokens=8, do_sample=False)
+    assert_relative(logits, expected.logits, 1e-5, "logits")
+    assert loss.item() == pytest.approx(expected.loss.item() + (0.001 * model.aux_loss.item() if model.aux_loss
+                                                                 is not None else 0.0), rel=1e-5)
+    assert torch.equal(model.generate(idx[:, :4], 8, temperature=0), hf_tokens)
+    again = Jamba.from_pretrained(path)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+    model.save_pretrained(path)                                              # replaces what was there, whole
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("model, message", [
+    (lambda: tiny_jamba(0, 2), "rotary positions in an attention layer.*build it with rotary=False"),
+    (lambda: tiny_jamba(5, 3), "layer_pattern 'MAMMAMAM' is not one that attn_layer_period")])
+def test_save_pretrained_refuses_what_the_format_cannot_express_before_writing(tmp_path, model, message):
+    with pytest.raises(ValueError, match=message) as error:
+        model().save_pretrained(tmp_path / "saved")
+    assert "\n" not in str(error.value) and not list(tmp_path.iterdir())
+
+
 def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
     hf_model, path = hf_checkpoint("jamba")
@@ -993,6 +1041,13 @@ def train(out, corpus, *extra, check=True):
     return result
 
 
+def train_here(out, corpus, capsys, *extra):
+    """train() in this process, as main() runs it (no interpreter start-up): what it printed."""
+    assert train_tiny.main(["--data", str(corpus), "--out", str(out), *TINY_FLAGS, *extra]) == 0, \
+        capsys.readouterr().err[-2000:]
+    return capsys.readouterr().out
+
+
 def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -1021,7 +1076,7 @@ def test_training_writes_a_complete_checkpoint_and_a_sample(full_run, corpus):
     assert "layer_pattern=MA" in result.stdout and "parameters" in result.stdout
     assert "done: 60 steps" in result.stdout and "--- sample" in result.stdout
     assert "bpc" in result.stderr + result.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 60 and [h["step"] for h in ckpt["history"]] == [10, 20, 30, 40, 50, 60]
     assert ckpt["vocab"] == "".join(sorted(set(corpus.read_text())))
     assert ckpt["data"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
@@ -1043,13 +1098,13 @@ def test_interrupted_run_resumes_exactly(full_run, corpus, tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=60)
     assert process.returncode == 130 and "rerun the same command with --resume" in stdout
-    interrupted_at = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    interrupted_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 10 <= interrupted_at < 60
 
     resumed = train(tmp_path, corpus, "--max-iters", "60", "--resume")
     assert f"resuming at step {interrupted_at} of 60" in resumed.stdout
-    expected = torch.load(full_run[0] / "ckpt.pt", weights_only=False)
-    actual = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    expected = torch.load(full_run[0] / "ckpt.pt", weights_only=True)
+    actual = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for key, value in expected["model"].items():
         assert torch.equal(actual["model"][key], value), key
     for index, state in expected["optimizer"]["state"].items():
@@ -1087,7 +1142,7 @@ def test_progress_bar_counts_the_time_budget_and_shows_the_load_balancing_term(c
     assert code == 0, terminal[-2000:]
     assert "layer_pattern=MA mlp_pattern=DE (4 experts, top-1)" in stdout and "load balance" in stdout
     assert "/3 s [" in terminal and "balance=" in terminal and "1000000" not in terminal
-    config = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
     assert config["num_experts"] == 4 and config["num_key_value_heads"] == 1
 
 
@@ -1108,7 +1163,7 @@ def torchrun(out, corpus, *extra):
 
 
 def assert_same_weights(out_a, out_b):
-    a, b = (torch.load(out / "ckpt.pt", weights_only=False) for out in (out_a, out_b))
+    a, b = (torch.load(out / "ckpt.pt", weights_only=True) for out in (out_a, out_b))
     assert a["step"] == b["step"]
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -1149,15 +1204,15 @@ def test_two_processes_resume_a_mixture_of_experts(corpus, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
-def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path):
+def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path, capsys):
     """--dtype float16 (for GPUs without bf16), here on the CPU: float16 autocast, the loss scaled up before
     backward and the gradients down before the step; the scaler's state is in the checkpoint, so resume is exact."""
-    flags = ("--dtype", "float16", "--eval-interval", "5")
-    whole = train(tmp_path / "whole", corpus, *flags, "--max-iters", "10")
-    assert "float16" in whole.stdout and "done: 10 steps" in whole.stdout
-    train(tmp_path / "resumed", corpus, *flags, "--max-iters", "5")
-    train(tmp_path / "resumed", corpus, *flags, "--max-iters", "10", "--resume")
-    expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("whole", "resumed"))
+    flags = ("--dtype", "float16", "--eval-interval", "5")             # stopped at step 5, the end of the warm-up
+    whole = train_here(tmp_path / "whole", corpus, capsys, *flags, "--max-iters", "10")
+    assert "float16" in whole and "done: 10 steps" in whole
+    train_here(tmp_path / "resumed", corpus, capsys, *flags, "--max-iters", "5")
+    train_here(tmp_path / "resumed", corpus, capsys, *flags, "--max-iters", "10", "--resume")
+    expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "resumed"))
     assert expected["scaler"]["scale"] == actual["scaler"]["scale"] > 1
     assert expected["history"][-1]["val"] < math.log(len(expected["vocab"]))
     for key, value in expected["model"].items():
@@ -1207,6 +1262,157 @@ def test_bad_input_gets_one_line_and_overwrites_nothing(full_run, corpus, tmp_pa
         assert message in err and err.count("\n") == 1 and err.startswith("train_tiny.py: error:"), err
         assert file_digest(out / "ckpt.pt") == before
     assert (corrupt / "ckpt.pt").read_bytes() == b"not a checkpoint at all"
+
+
+def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_path):
+    """--export writes the run as a JambaForCausalLM directory with a character tokenizer: transformers'
+    AutoTokenizer and JambaForCausalLM generate, greedily, exactly what --sample --temperature 0 prints."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (.ci/run installs it)")
+    out, _ = full_run
+    exported = tmp_path / "exported"
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--out", str(out), "--export", str(exported)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
+    sample = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
+                             "--max-new-tokens", "40", "--temperature", "0", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=60)
+    assert sample.returncode == 0, sample.stderr
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    hf_model = transformers.JambaForCausalLM.from_pretrained(exported)
+    idx = tokenizer("the ", return_tensors="pt").input_ids
+    generated = hf_model.generate(idx, max_new_tokens=40, do_sample=False)
+    assert tokenizer.decode(generated[0]) == sample.stdout.split("\n\n[")[0]
+
+
+def test_export_refuses_a_full_directory_and_a_missing_checkpoint(full_run, tmp_path, capsys):
+    out, _ = full_run
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    cases = [(["--out", str(out), "--export", str(full)], "not an empty directory; give --force"),
+             (["--out", str(tmp_path / "nowhere"), "--export", str(tmp_path / "x")], "no checkpoint")]
+    for argv, message in cases:
+        assert train_tiny.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (full / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
+    assert train_tiny.main(["--out", str(out), "--export", str(full), "--force"]) == 0
+    assert not (full / "notes.txt").exists() and (full / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def hf_to_fine_tune(tmp_path_factory, corpus):
+    """A tiny random JambaForCausalLM saved by transformers, with a byte-pair tokenizer trained on the corpus."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (.ci/run installs it)")
+    tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (transformers brings it)")
+    path = tmp_path_factory.mktemp("hf-fine-tune")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.train([str(corpus)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    torch.manual_seed(0)
+    config = transformers.JambaConfig(**{**HF_COMMON, "vocab_size": tokenizer.get_vocab_size()},
+                                      **HF_CONFIGS["dense"])
+    transformers.JambaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+FINE_TUNE_FLAGS = ["--device", "cpu", "--batch-size", "4", "--block-size", "16", "--eval-iters", "2",
+                   "--eval-interval", "4", "--warmup-iters", "4", "--lr", "3e-3", "--max-new-tokens", "10"]
+
+
+def fine_tune(out, corpus, init, capsys, *extra):
+    """A train_tiny.py fine-tuning run in this process (as main() runs it): its printed output."""
+    assert train_tiny.main(["--data", str(corpus), "--out", str(out), "--init-from", str(init), *FINE_TUNE_FLAGS,
+                            *extra]) == 0, capsys.readouterr().err[-2000:]
+    return capsys.readouterr().out
+
+
+def test_fine_tune_a_released_format_checkpoint(hf_to_fine_tune, corpus, tmp_path, capsys):
+    """--init-from: the checkpoint's model and tokenizer, our text; the loss falls, resume is exact, --sample
+    decodes with the tokenizer, and --export loads in transformers with the same tokenizer and logits."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (.ci/run installs it)")
+    whole = fine_tune(tmp_path / "whole", corpus, hf_to_fine_tune, capsys, "--max-iters", "12")
+    assert "layer_pattern=MMAM" in whole and "done: 12 steps" in whole
+    ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    assert ckpt["history"][-1]["val"] < ckpt["history"][0]["val"]
+    assert ckpt["tokenizer"]["tokenizer.json"] == (hf_to_fine_tune / "tokenizer.json").read_text()
+    # The first 4 steps are the warm-up: a run stopped there then resumed takes the steps of one run of 12.
+    fine_tune(tmp_path / "resumed", corpus, hf_to_fine_tune, capsys, "--max-iters", "4")
+    fine_tune(tmp_path / "resumed", corpus, hf_to_fine_tune, capsys, "--max-iters", "12", "--resume")
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][key], value) for key, value in ckpt["model"].items())
+    sample = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(tmp_path / "whole"), "--prompt",
+                             "the mamba", "--max-new-tokens", "8", "--device", "cpu"], capture_output=True, text=True,
+                            timeout=60)
+    assert sample.returncode == 0 and sample.stdout.startswith("the mamba") and "tokens/s" in sample.stdout
+    exported = tmp_path / "exported"
+    assert train_tiny.main(["--out", str(tmp_path / "whole"), "--export", str(exported)]) == 0
+    assert (exported / "tokenizer_config.json").read_text() == (hf_to_fine_tune / "tokenizer_config.json").read_text()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    hf_model = transformers.JambaForCausalLM.from_pretrained(exported)
+    model = Jamba(**ckpt["config"]).eval()
+    model.load_state_dict(ckpt["model"])
+    idx = tokenizer("the mamba attends", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert_relative(model(idx)[0], hf_model(idx).logits, 1e-5, "logits of the export")
+
+
+def test_fine_tune_refuses_bad_input_with_one_line(hf_to_fine_tune, corpus, tmp_path, capsys):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(hf_to_fine_tune, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    not_jamba = tmp_path / "not_jamba"
+    not_jamba.mkdir()
+    shutil.copy(hf_to_fine_tune / "tokenizer.json", not_jamba)
+    characters = tmp_path / "characters"                 # a tokenizer that knows the corpus's characters only
+    shutil.copytree(hf_to_fine_tune, characters)
+    vocab = "".join(sorted(set(corpus.read_text())))
+    (characters / "tokenizer.json").write_text(train_tiny.character_tokenizer_files(vocab)["tokenizer.json"])
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text(corpus.read_text() + "\nпривет, 世界\n")
+    common = ["--out", str(tmp_path / "out"), *FINE_TUNE_FLAGS]
+    cases = [
+        (["--data", str(corpus), "--init-from", str(no_tokenizer), *common], "no tokenizer.json there"),
+        (["--data", str(corpus), "--init-from", str(not_jamba), *common], "has no config.json"),
+        (["--data", str(corpus), "--init-from", str(hf_to_fine_tune), *common, "--d_model", "32", "--dropout",
+          "0.1"], "takes the model and its settings from the checkpoint: drop --d_model (only --dropout"),
+        (["--data", str(foreign), "--init-from", str(characters), *common],
+         "has characters outside the tokenizer: ',веипрт世界'"),
+    ]
+    for argv, message in cases:
+        assert train_tiny.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and err.startswith("train_tiny.py: error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    """Checkpoints are read with torch.load(weights_only=True): a pickle that runs code when it is unpickled
+    gets one line, exit status 2, and its code never runs."""
+    marker = tmp_path / "ran"
+    (tmp_path / "run").mkdir()
+    torch.save({"config": RunsCode(marker), "model": {}, "vocab": "ab", "step": 0}, tmp_path / "run" / "ckpt.pt")
+    for argv in (["--sample", "--out", str(tmp_path / "run")], ["--out", str(tmp_path / "run"), "--resume"],
+                 ["--out", str(tmp_path / "run"), "--export", str(tmp_path / "exported")]):
+        assert train_tiny.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "not a readable checkpoint" in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+class RunsCode:
+    """Unpickling this creates the file at path: what a malicious checkpoint would do, harmlessly."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
 
 
 def test_weight_decay_spares_A_log_D_norms_and_biases():

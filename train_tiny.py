@@ -1,9 +1,11 @@
-"""Train a small character-level Jamba, then sample from it.
+"""Train a small character-level Jamba, then sample from it; or fine-tune a Jamba checkpoint on your own text.
 
-    python train_tiny.py                                  # a hybrid Jamba learns to write Python, ~4 min on 2 CPU cores
+    python train_tiny.py                                  # a hybrid Jamba learns to write Python, ~3 min on 2 CPU cores
     python train_tiny.py --data input.txt                 # any UTF-8 text file instead
     python train_tiny.py --resume                         # continue the run in --out exactly where it stopped
     python train_tiny.py --sample --prompt "def "         # generate from the checkpoint in --out
+    python train_tiny.py --export jamba-tiny              # --out's checkpoint in the Hugging Face format, tokenizer too
+    python train_tiny.py --init-from DIR --data input.txt # fine-tune a JambaForCausalLM directory with its tokenizer
     torchrun --nproc_per_node=2 train_tiny.py             # the same run in 2 processes (DistributedDataParallel)
 
 With no --data it trains on the Python standard library's own top-level modules (Lib/*.py of the running Python,
@@ -14,6 +16,7 @@ Checkpoints (--out/ckpt.pt) are written atomically at every evaluation, at the e
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import signal
@@ -57,6 +60,11 @@ def parse_args(argv):
     p.add_argument("--out", default="out", help="directory for ckpt.pt")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--sample", action="store_true", help="only generate from --out/ckpt.pt")
+    p.add_argument("--export", metavar="DIR", help="only write --out/ckpt.pt to DIR in the Hugging Face format "
+                   "(config.json, model.safetensors, tokenizer.json) that transformers' JambaForCausalLM reads")
+    p.add_argument("--force", action="store_true", help="let --export replace a directory that is not empty")
+    p.add_argument("--init-from", metavar="DIR", help="fine-tune this JambaForCausalLM checkpoint directory "
+                   "(config.json, model.safetensors, tokenizer.json): its model and tokenizer, your --data")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="bfloat16 or float16 autocast (float16 with a gradient scaler, for GPUs without bfloat16); "
@@ -96,6 +104,9 @@ def parse_args(argv):
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=None)
     args = p.parse_args(argv)
+    # The model flags this command line gives: a fine-tuning run takes its model from the checkpoint instead.
+    given = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    args.model_flags = sorted({action.dest for action in model._group_actions if given & set(action.option_strings)})
     for name in ("batch_size", "grad_accum", "block_size", "max_iters", "eval_interval", "eval_iters",
                  "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -104,7 +115,11 @@ def parse_args(argv):
         raise UsageError("--lr must be > 0 and --weight-decay, --grad-clip, --warmup-iters >= 0")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-    if args.block_size > args.max_seq_length:
+    if args.init_from and set(args.model_flags) - {"dropout"}:
+        raise UsageError(f"--init-from takes the model and its settings from the checkpoint: drop "
+                         f"{', '.join('--' + name for name in args.model_flags if name != 'dropout')} "
+                         "(only --dropout may be given)")
+    if not args.init_from and args.block_size > args.max_seq_length:
         raise UsageError(f"--block-size {args.block_size} is over the model's --max_seq_length {args.max_seq_length}")
     return args
 
@@ -145,15 +160,66 @@ def read_corpus(path):
     return text, {"name": name, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
 
 
-def split_data(text, vocab, block_size):
-    """The corpus as ids, split 90/10 into train and validation (b, l) sources."""
-    stoi = {ch: i for i, ch in enumerate(vocab)}
-    data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
+class Codec:
+    """Text to ids and back: a character run's vocabulary (the str of its characters), or a checkpoint's tokenizer
+    (the text of its tokenizer.json, read by the tokenizers package)."""
+
+    def __init__(self, vocab=None, tokenizer_json=None):
+        self.vocab, self.tokenizer = vocab, None
+        if tokenizer_json is not None:
+            from tokenizers import Tokenizer
+            self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.size = len(vocab) if vocab is not None else self.tokenizer.get_vocab_size()
+
+    def unknown(self, text):
+        """The characters of text it cannot encode: outside the vocabulary, or that the tokenizer drops or turns
+        into its unknown token (whitespace aside, which many tokenizers drop by design)."""
+        if self.tokenizer is None:
+            return sorted(set(text) - set(self.vocab))
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        unk_id = None if unk is None else self.tokenizer.token_to_id(unk)
+
+        def encodes(ch):
+            try:
+                ids = self.tokenizer.encode(ch).ids
+            except Exception:                          # a tokenizer with no unknown token raises instead
+                return False
+            return bool(ids) and unk_id not in ids
+        return [ch for ch in sorted(set(text)) if not ch.isspace() and not encodes(ch)]
+
+    def encode(self, text, what):
+        unknown = self.unknown(text)
+        if unknown:
+            raise UsageError(f"{what} has characters outside the "
+                             f"{'vocabulary' if self.tokenizer is None else 'tokenizer'}: {''.join(unknown[:20])!r}")
+        if self.tokenizer is None:
+            stoi = {ch: i for i, ch in enumerate(self.vocab)}
+            return [stoi[ch] for ch in text]
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids) if self.tokenizer is None else self.tokenizer.decode(ids)
+
+
+def character_tokenizer_files(vocab):
+    """tokenizer.json (one token per character, in the run's order) and tokenizer_config.json, so that
+    transformers' AutoTokenizer reads a character run's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(vocab)}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # every character
+    tokenizer.decoder = decoders.Fuse()                                                       # joined as they are
+    return {"tokenizer.json": tokenizer.to_str(),
+            "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                 "clean_up_tokenization_spaces": False})}
+
+
+def split_data(data, block_size):
+    """The corpus's ids (t,), split 90/10 into train and validation sources."""
     n_train = int(0.9 * len(data))
     train, val = data[:n_train], data[n_train:]
     if len(val) < block_size + 1:
         need = math.ceil((block_size + 1) / 0.1)
-        raise UsageError(f"the corpus is too short: {len(text)} characters, need at least {need} for --block-size "
+        raise UsageError(f"the corpus is too short: {len(data)} tokens, need at least {need} for --block-size "
                          f"{block_size} (10% is held out for validation)")
     return train, val
 
@@ -259,10 +325,12 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
+    """--out's checkpoint. weights_only: tensors, numbers, strings and containers only, so a checkpoint from
+    elsewhere cannot run code when it is read."""
     if not path.is_file():
         raise UsageError(f"{path}: no checkpoint (train first, or point --out at the run's directory)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"config", "model", "vocab", "step"} - set(ckpt)
     except Exception as err:
         raise UsageError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:80]})") from None
@@ -288,17 +356,44 @@ def estimate_loss(model, splits, args, device, autocast):
     return losses
 
 
-def sample_text(model, vocab, prompt, args, device):
-    stoi = {ch: i for i, ch in enumerate(vocab)}
-    unknown = sorted(set(prompt) - set(stoi))
-    if unknown:
-        raise UsageError(f"--prompt has characters outside the vocabulary: {''.join(unknown)!r}")
-    idx = torch.tensor([[stoi[ch] for ch in prompt]], dtype=torch.long, device=device)
+def read_init_from(path):
+    """(model in float32, Codec, tokenizer files {name: text}, special token ids) of a JambaForCausalLM checkpoint
+    directory with its tokenizer.json, for fine-tuning."""
+    directory = Path(path)
+    if not (directory / "tokenizer.json").is_file():
+        raise UsageError(f"--init-from {path}: no tokenizer.json there (a Jamba checkpoint directory with its "
+                         "tokenizer is needed: config.json, model.safetensors, tokenizer.json)")
+    try:
+        model = Jamba.from_pretrained(directory, dtype=torch.float32)
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        files = {name: (directory / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+                 if (directory / name).is_file()}
+        codec = Codec(tokenizer_json=files["tokenizer.json"])
+    except ImportError as err:
+        raise UsageError(f"--init-from needs the {err.name} package: pip install safetensors tokenizers") from None
+    except Exception as err:                              # a ValueError from the loader, or a broken tokenizer
+        raise UsageError(f"--init-from {path}: {str(err).splitlines()[0][:300]}") from None
+    special = {key: config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return model, codec, files, special
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def checkpoint_codec(ckpt):
+    """The checkpoint's Codec: its characters, or the tokenizer it was fine-tuned with."""
+    return Codec(tokenizer_json=ckpt["tokenizer"]["tokenizer.json"]) if ckpt.get("tokenizer") else Codec(ckpt["vocab"])
+
+
+@torch.no_grad()
+def sample_text(model, codec, prompt, args, device):
+    """(prompt and its continuation, tokens per second)."""
+    idx = torch.tensor([codec.encode(prompt, "--prompt")], dtype=torch.long, device=device)
     model.eval()
     start = time.perf_counter()
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     seconds = time.perf_counter() - start
-    return "".join(vocab[i] for i in out[0].tolist()), args.max_new_tokens / seconds
+    return codec.decode(out[0].tolist()), args.max_new_tokens / seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,9 +404,30 @@ def sample_main(args, device):
     ckpt = load_checkpoint(Path(args.out) / "ckpt.pt")
     model = Jamba(**ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
-    text, chars_per_second = sample_text(model, ckpt["vocab"], args.prompt, args, device)
+    text, tokens_per_second = sample_text(model, checkpoint_codec(ckpt), args.prompt, args, device)
     print(text)
-    print(f"\n[{args.max_new_tokens} characters at {chars_per_second:.0f} chars/s on {device}]")
+    unit = "tokens" if ckpt.get("tokenizer") else "chars"
+    print(f"\n[{args.max_new_tokens} {'tokens' if unit == 'tokens' else 'characters'} at {tokens_per_second:.0f} "
+          f"{unit}/s on {device}]")
+
+
+def export_main(args):
+    """--out's checkpoint as a JambaForCausalLM directory, with the tokenizer that reads its text."""
+    target = Path(args.export)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not args.force:
+        raise UsageError(f"--export {target}: not an empty directory; give --force to replace it")
+    ckpt = load_checkpoint(Path(args.out) / "ckpt.pt")
+    model = Jamba(**ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    try:
+        files = ckpt.get("tokenizer") or character_tokenizer_files(ckpt["vocab"])
+        model.save_pretrained(target, ckpt.get("special_token_ids"), files)
+    except ImportError as err:
+        raise UsageError(f"--export needs the {err.name} package: pip install safetensors tokenizers") from None
+    except ValueError as err:
+        raise UsageError(f"--export: {err}") from None
+    print(f"wrote {target}: {', '.join(sorted(path.name for path in target.iterdir()))}")
+    return 0
 
 
 def train_main(args, device, rank=0, world_size=1):
@@ -321,12 +437,24 @@ def train_main(args, device, rank=0, world_size=1):
     ckpt_path = Path(args.out) / "ckpt.pt"
     text, data_identity = read_corpus(args.data)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    vocab = "".join(sorted(set(text)))
-    config = make_config(args, len(vocab))
+    tokenizer_files = special_token_ids = weights = None
+    if args.init_from:                              # the model, its settings and its tokenizer from the checkpoint
+        pretrained, codec, tokenizer_files, special_token_ids = read_init_from(args.init_from)
+        config, weights = dataclasses.replace(pretrained.config, dropout=args.dropout), pretrained.state_dict()
+        if args.block_size > config.max_seq_length:
+            raise UsageError(f"--block-size {args.block_size} is over the checkpoint's max_position_embeddings "
+                             f"{config.max_seq_length}")
+    else:
+        codec = Codec(vocab="".join(sorted(set(text))))
+        config = make_config(args, codec.size)
     if ckpt is not None:
         if ckpt.get("data", {}).get("sha256") != data_identity["sha256"]:   # the same text also means the same vocab
             raise UsageError(f"{ckpt_path} was trained on other data ({ckpt.get('data', {}).get('name')}); "
                              "resume with the same --data")
+        if ckpt.get("tokenizer") != tokenizer_files:
+            raise UsageError(f"{ckpt_path} was fine-tuned from a checkpoint with another tokenizer: resume with the "
+                             "same --init-from" if ckpt.get("tokenizer") else
+                             f"{ckpt_path} is a character-level run: resume it without --init-from")
         saved = dataclasses.asdict(JambaConfig(**ckpt["config"]))
         changed = {k: (saved[k], v) for k, v in dataclasses.asdict(config).items() if saved[k] != v}
         if changed:
@@ -335,11 +463,16 @@ def train_main(args, device, rank=0, world_size=1):
     if args.batch_size % (world_size * args.grad_accum):
         raise UsageError(f"--batch-size {args.batch_size} must split evenly over {world_size} processes x "
                          f"--grad-accum {args.grad_accum}")
-    train_data, val_data = split_data(text, vocab, args.block_size)
+    # The corpus is encoded once and kept as a tensor of ids.
+    data = torch.tensor(codec.encode(text, f"--data {args.data or data_identity['name']}"), dtype=torch.long)
+    train_data, val_data = split_data(data, args.block_size)
 
     torch.manual_seed(args.seed)
     batch_generator = torch.Generator().manual_seed(args.seed)
-    model = Jamba(config).to(device)
+    model = Jamba(config)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     step, history, best_val, elapsed_before = 0, [], float("inf"), 0.0
     if ckpt is not None:
@@ -361,7 +494,7 @@ def train_main(args, device, rank=0, world_size=1):
         scaler.load_state_dict(ckpt["scaler"])
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"data: {data_identity['name']} ({len(text):,} chars, vocab {len(vocab)}, "
+    say(f"data: {data_identity['name']} ({len(text):,} chars, {len(data):,} tokens, vocab {codec.size}, "
         f"{len(train_data):,} train / {len(val_data):,} val)")
     experts = "" if "E" not in model.mlp_pattern else (
         f" mlp_pattern={model.mlp_pattern} ({config.num_experts} experts, top-{config.num_experts_per_tok})")
@@ -373,7 +506,8 @@ def train_main(args, device, rank=0, world_size=1):
 
     def checkpoint_state():
         return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "vocab": vocab, "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
+                "vocab": codec.vocab, "tokenizer": tokenizer_files, "special_token_ids": special_token_ids,
+                "init_from": args.init_from, "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
                 "data": data_identity, "args": vars(args), "scaler": scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
@@ -460,9 +594,9 @@ def train_main(args, device, rank=0, world_size=1):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     say(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
         f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} bpc); checkpoint {ckpt_path}")
-    text, chars_per_second = sample_text(model, vocab, args.prompt if set(args.prompt) <= set(vocab) else vocab[0],
-                                         args, device)
-    say(f"--- sample ({chars_per_second:.0f} chars/s) ---\n{text}")
+    prompt = args.prompt if not codec.unknown(args.prompt) else codec.decode([0])
+    text, tokens_per_second = sample_text(model, codec, prompt, args, device)
+    say(f"--- sample ({tokens_per_second:.0f} {'chars' if codec.tokenizer is None else 'tokens'}/s) ---\n{text}")
     return 0
 
 
@@ -472,6 +606,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.sample:
             return sample_main(args, pick_device(args.device))
+        if args.export:
+            return export_main(args)
         device, world_size = start_processes(args.device)
         try:
             return train_main(args, device, rank, world_size)
