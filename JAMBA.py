@@ -569,10 +569,10 @@ template <typename T> static void conv_backward_block(const Conv<T>& s, int tid,
 
 // The recurrent mode ([Mamba] Section 3.4), one token for each of b sequences: all of MambaBlock.step between
 // in_proj and out_proj in one call (step itself does it in a few dozen small torch operations). Layouts: window,
-// new_window (b, d, k); x, z, y (b, d); h, new_h (b, d, n); conv_w (d, k); x_proj_w (r + 2n, d); dt_proj_w (d, r);
-// A_log (d, n). The three norm weights are null without the inner RMSNorms.
+// new_window (b, d, k); xz (b, 2d), in_proj's output, x then z; y (b, d); h, new_h (b, d, n); conv_w (d, k);
+// x_proj_w (r + 2n, d); dt_proj_w (d, r); A_log (d, n). The three norm weights are null without the inner norms.
 template <typename T> struct Step {
-    const T *window, *x, *z, *conv_w, *conv_b, *x_proj_w, *dt_norm_w, *b_norm_w, *c_norm_w, *dt_proj_w, *dt_proj_b,
+    const T *window, *xz, *conv_w, *conv_b, *x_proj_w, *dt_norm_w, *b_norm_w, *c_norm_w, *dt_proj_w, *dt_proj_b,
         *A_log, *D, *h;
     T *new_window, *new_h, *y;
     int64_t b, d, n, r, k;
@@ -593,12 +593,12 @@ template <typename T> static void mamba_step(const Step<T>& s) {
         for (int64_t c = 0; c < d; ++c) {              // the conv window slides by one; u = silu(conv)
             const T *old = s.window + (bi * d + c) * k, *w = s.conv_w + c * k;
             T* now = s.new_window + (bi * d + c) * k;
-            T pre = s.conv_b[c] + w[k - 1] * s.x[bi * d + c];
+            T pre = s.conv_b[c] + w[k - 1] * s.xz[bi * 2 * d + c];
             for (int64_t j = 0; j < k - 1; ++j) {
                 now[j] = old[j + 1];
                 pre += w[j] * now[j];
             }
-            now[k - 1] = s.x[bi * d + c];
+            now[k - 1] = s.xz[bi * 2 * d + c];
             u[c] = pre / (T(1) + exp_(-pre));
         }
         for (int64_t j = 0; j < r + 2 * n; ++j) {      // x_proj: dt, B and C (Algorithm 2, lines 3-5)
@@ -626,7 +626,7 @@ template <typename T> static void mamba_step(const Step<T>& s) {
                 h_new[i] = exp_(-delta * exp_(A_log[i])) * h[i] + du * B[i];
                 sum += C[i] * h_new[i];
             }
-            const T z = s.z[bi * d + c];
+            const T z = s.xz[bi * 2 * d + d + c];
             s.y[bi * d + c] = (sum + s.D[c] * u[c]) * z / (T(1) + exp_(-z));   // + D u, then the gate
         }
     }
@@ -671,13 +671,13 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
             for (int64_t i = begin; i < end; ++i) backward_block(s, tid, i / (d / W), i % (d / W) * W, m);        \
         });                                                                                                       \
     }                                                                                                             \
-    extern "C" void mamba_step_##suffix(const T* window, const T* x, const T* z, const T* conv_w,               \
+    extern "C" void mamba_step_##suffix(const T* window, const T* xz, const T* conv_w,                          \
                                         const T* conv_b, const T* x_proj_w, const T* dt_norm_w,                   \
                                         const T* b_norm_w, const T* c_norm_w, const T* dt_proj_w,                 \
                                         const T* dt_proj_b, const T* A_log, const T* D, const T* h,               \
                                         T* new_window, T* new_h, T* y, int64_t b, int64_t d, int64_t n,           \
                                         int64_t r, int64_t k, double eps) {                                       \
-        mamba_step(Step<T>{window, x, z, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,     \
+        mamba_step(Step<T>{window, xz, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,       \
                            dt_proj_b, A_log, D, h, new_window, new_h, y, b, d, n, r, k, T(eps)});                 \
     }                                                                                                             \
     extern "C" void conv_forward_##suffix(const T* x, const T* w, const T* bias, T* out, int64_t b, int64_t l,    \
@@ -1025,11 +1025,11 @@ class MambaBlock(nn.Module):
         state = (conv_state (b, d, k), ssm_state (b, d, n)) -> (out (b, m), new state); O(1) time and memory.
         As in the scans, the SSM runs in ssm_state's dtype (float32 when the weights are bf16)."""
         conv_state, ssm_state = state
-        x_in, z = self.in_proj(x).chunk(2, dim=-1)                              # (b, d) each
+        xz = self.in_proj(x)                                                    # (b, 2d)
         if (_scan_function(self.scan, x.device) is selective_scan_fused and not torch.is_grad_enabled()
                 and x.dtype == ssm_state.dtype == conv_state.dtype and x.dtype in _FUSED_TYPES):
-            return self._fused_step(x_in.contiguous(), z.contiguous(), conv_state.contiguous(),
-                                    ssm_state.contiguous())
+            return self._fused_step(xz, conv_state.contiguous(), ssm_state.contiguous())
+        x_in, z = xz.chunk(2, dim=-1)                                           # (b, d) each
         conv_state = torch.cat([conv_state[:, :, 1:], x_in.unsqueeze(-1)], dim=-1)   # (b, d, k)  slide the window
         x_conv = F.silu(torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0]) + self.conv1d.bias)  # (b, d)
         delta, B, C = self._delta_B_C(x_conv)                                   # (b, d), (b, n), (b, n)
@@ -1042,19 +1042,19 @@ class MambaBlock(nn.Module):
         y = y * F.silu(z.to(compute))                                           # (b, d)
         return self.out_proj(y.to(x.dtype)), (conv_state, ssm_state)
 
-    def _fused_step(self, x_in, z, conv_state, ssm_state):
+    def _fused_step(self, xz, conv_state, ssm_state):
         """step() as one call of the fused library from in_proj's output to out_proj's input: the same arithmetic,
         a few dozen small torch operations fewer per token (inference only: no gradient flows through it)."""
-        (b, d), n = x_in.shape, self.d_state
+        b, d, n = xz.shape[0], self.d_inner, self.d_state
         norms = ((self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight) if self.inner_layernorms
                  else (None, None, None))
         eps = self.dt_layernorm.eps if self.inner_layernorms else 0.0
         new_conv_state, new_ssm_state = torch.empty_like(conv_state), torch.empty_like(ssm_state)
-        y = torch.empty_like(x_in)                                              # (b, d)
-        tensors = (conv_state, x_in, z, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, *norms,
+        y = xz.new_empty(b, d)                                                  # (b, d)
+        tensors = (conv_state, xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, *norms,
                    self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, ssm_state, new_conv_state,
                    new_ssm_state, y)
-        getattr(_fused_library(), "mamba_step_" + _FUSED_TYPES[x_in.dtype])(
+        getattr(_fused_library(), "mamba_step_" + _FUSED_TYPES[xz.dtype])(
             *map(_pointer, tensors), *map(ctypes.c_int64, (b, d, n, self.dt_rank, self.d_conv)), ctypes.c_double(eps))
         return self.out_proj(y), (new_conv_state, new_ssm_state)
 
@@ -1205,10 +1205,15 @@ class AttentionBlock(nn.Module):
                     state.positions
         else:
             keys, values, key_positions = state.keys, state.values, state.positions
-        kept = torch.arange(max(0, l - window), l, device=k.device)             # steps seen + kept go to slots
-        slots = (seen + kept) % window
-        keys[:, :, slots], values[:, :, slots], key_positions[:, slots] = k[:, :, kept], v[:, :, kept], \
-            positions[:, kept]
+        # Step t goes to slot t % max_seq_length: the kept steps fill the ring to its end, then wrap to its start.
+        first = max(0, l - window)                                              # only the last window steps stay
+        slot = (seen + first) % window
+        for start, end in ((first, min(l, first + window - slot)), (first + window - slot, l)):
+            if start < end:
+                at = slice(slot, slot + end - start)
+                keys[:, :, at], values[:, :, at], key_positions[:, at] = k[:, :, start:end], v[:, :, start:end], \
+                    positions[:, start:end]
+                slot = 0
         return AttentionCache(keys, values, key_positions, seen + l)
 
 

@@ -494,6 +494,7 @@ def train_main(args, device, rank=0, world_size=1):
         scaler.load_state_dict(ckpt["scaler"])
 
     n_params = sum(p.numel() for p in model.parameters())
+    bits = "bpc" if codec.tokenizer is None else "bits/token"                # the loss in bits per unit of text
     say(f"data: {data_identity['name']} ({len(text):,} chars, {len(data):,} tokens, vocab {codec.size}, "
         f"{len(train_data):,} train / {len(val_data):,} val)")
     experts = "" if "E" not in model.mlp_pattern else (
@@ -522,8 +523,8 @@ def train_main(args, device, rank=0, world_size=1):
         best_val = min(best_val, losses["val"])
         history.append({"step": step, "seconds": elapsed(), **losses})
         balance = "" if model.aux_loss is None else f", load balance {model.aux_loss.item():.3f}"
-        tqdm.write(f"step {step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} bpc), "
-                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} bpc){balance}")
+        tqdm.write(f"step {step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} {bits}), "
+                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} {bits}){balance}")
         save_checkpoint(ckpt_path, checkpoint_state())
 
     def agree(stop, seconds):
@@ -593,7 +594,7 @@ def train_main(args, device, rank=0, world_size=1):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     say(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
-        f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} bpc); checkpoint {ckpt_path}")
+        f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} {bits}); checkpoint {ckpt_path}")
     prompt = args.prompt if not codec.unknown(args.prompt) else codec.decode([0])
     text, tokens_per_second = sample_text(model, codec, prompt, args, device)
     say(f"--- sample ({tokens_per_second:.0f} {'chars' if codec.tokenizer is None else 'tokens'}/s) ---\n{text}")

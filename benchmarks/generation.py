@@ -77,7 +77,7 @@ def read_long_prompt(model, length, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096, 8192])
-    p.add_argument("--new-tokens", type=int, default=32, help="steps timed per context (the median is reported)")
+    p.add_argument("--new-tokens", type=int, default=64, help="steps timed per context (the median is reported)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no files written")
     args = p.parse_args()
     d_model, n_layers = (16, 8) if args.smoke else (256, 8)
