@@ -687,7 +687,8 @@ def test_left_padded_batch_gives_each_prompt_what_it_gives_alone(variant):
         alone_routers = []
         for row, prompt in enumerate(prompts):
             alone, _ = model(prompt[None])
-            alone_routers += [layer.mlp.router_probs for layer in model.layers if isinstance(layer.mlp, MixtureOfExperts)]
+            alone_routers += [layer.mlp.router_probs for layer in model.layers
+                              if isinstance(layer.mlp, MixtureOfExperts)]
             torch.testing.assert_close(logits[row, -len(prompt):], alone[0], rtol=1e-9, atol=1e-9)
             _, alone_states = model.prefill(prompt[None])
             for layer, state, alone_state in zip(model.layers, states, alone_states):

@@ -508,7 +508,8 @@ def train_main(args, device, rank=0, world_size=1):
     def checkpoint_state():
         return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "vocab": codec.vocab, "tokenizer": tokenizer_files, "special_token_ids": special_token_ids,
-                "init_from": args.init_from, "step": step, "seconds": elapsed(), "history": history, "best_val_loss": best_val,
+                "init_from": args.init_from, "step": step, "seconds": elapsed(), "history": history,
+                "best_val_loss": best_val,
                 "data": data_identity, "args": vars(args), "scaler": scaler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
