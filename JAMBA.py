@@ -27,6 +27,7 @@ A-bar = exp(Delta A) and `dBu` is B-bar u = Delta B u, both of Eq. (4).
 """
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,35 +52,37 @@ import torch.nn.functional as F
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Raise a clear error, before any work, when the selective-scan arguments do not fit together."""
-    for name, value in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if u.dim() != 3:
-        raise ValueError(f"u must have shape (b, d, l), got {tuple(u.shape)}")
+    given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    for name, value in given.items():
+        optional = name in ("D", "z", "delta_bias", "initial_state")
+        if not isinstance(value, torch.Tensor) and not (optional and value is None):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got "
+                            f"{type(value).__name__}")
+    if u.dim() != 3 or u.shape[2] == 0:
+        raise ValueError(f"u must have shape (b, d, l) with at least one time step (l >= 1), got {tuple(u.shape)}")
     b, d, l = u.shape
     if A.dim() != 2 or A.shape[0] != d or A.is_complex():
         raise ValueError(f"A must be a real tensor of shape (d={d}, n), got {tuple(A.shape)} {A.dtype}")
     n = A.shape[1]
-    expected = {"delta": (b, d, l), "B": (b, n, l), "C": (b, n, l), "z": (b, d, l), "D": (d,),
-                "delta_bias": (d,), "initial_state": (b, d, n)}
-    given = {"delta": delta, "B": B, "C": C, "z": z, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
-        if tuple(value.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} (u is (b, d, l) = {tuple(u.shape)}, "
-                             f"A is (d, n) = {tuple(A.shape)}), got {tuple(value.shape)}")
-    if l == 0:
-        raise ValueError("u must hold at least one time step (l >= 1), got l = 0")
+    expected = dict(delta=(b, d, l), B=(b, n, l), C=(b, n, l), z=(b, d, l), D=(d,), delta_bias=(d,),
+                    initial_state=(b, d, n))
+    for name, shape in expected.items():
+        if given[name] is not None and tuple(given[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (u is (b, d, l) = {tuple(u.shape)}, A is (d, n) = "
+                             f"{tuple(A.shape)}), got {tuple(given[name].shape)}")
+
+
+def _compute_dtype(dtype):
+    """What the scans, the recurrent step, rotary positions and the router compute in, as the reference code does:
+    float32 for fp16/bf16 (their exponentials, decays and long sums lose too much in 8 or 11 bits of mantissa);
+    float32 and float64 as they are. Inputs are cast to it, and outputs back to the input's dtype."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """The sequential and parallel scans' common start (the fused kernel does it inside): upcast to the compute
-    dtype (float32 for fp16/bf16, float64 stays float64), then delta = softplus(delta + delta_bias) as the reference
-    does."""
-    compute = torch.promote_types(u.dtype, torch.float32)
+    """The sequential and parallel scans' common start (the fused kernel does it inside): the inputs in the
+    _compute_dtype, then delta = softplus(delta + delta_bias) as the reference does."""
+    compute = _compute_dtype(u.dtype)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None]
@@ -110,8 +112,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     Args:
         u, delta, z: (b, d, l);  A: (d, n), real;  B, C: (b, n, l);  D, delta_bias: (d,);  initial_state: (b, d, n)
     Returns:
-        out (b, d, l) in u's dtype, and last_state (b, d, n) in the compute dtype when return_last_state.
-    fp16/bf16 inputs are computed in float32, float64 stays float64.
+        out (b, d, l) in u's dtype, and last_state (b, d, n) in the _compute_dtype when return_last_state.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
@@ -193,9 +194,8 @@ def _block_states(u, delta, A, B, h0):
 
 
 class _ParallelSelectiveScan(torch.autograd.Function):
-    """y_t = C_t . h_t and h_l for h_t = A-bar_t h_{t-1} + B-bar_t u_t, in blocks of channels, the states
-    recomputed in backward. Inputs are in the compute dtype, delta already biased and softplus-ed.
-    Inside, tensors are time-major, (l, b, ...), so that each time step the scan touches is one contiguous slab."""
+    """selective_scan_parallel's y_t = C_t . h_t and h_l, forward and backward, from inputs already through
+    _scan_inputs. Inside, tensors are time-major, (l, b, ...): each time step the scan touches is one slab."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
@@ -254,19 +254,12 @@ class _ParallelSelectiveScan(torch.autograd.Function):
 
 def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, initial_state=None):
-    """The selective scan with no Python loop over time; same signature and results as selective_scan_sequential.
-
-    The algorithm, in the spirit of [Mamba] Section 3.3.2 (kernel fusion and recomputation), with the CPU cache
-    playing the role of the GPU's SRAM:
-      1. Channels are independent, so they are processed in blocks of c channels small enough that the block's
-         (l, b, c, n) tensors stay in cache. The full (b, d, l, n) state tensor is never materialised.
-      2. Within a block: discretise (A-bar = exp(delta A), B-bar u = delta B u), solve the linear recurrence
-         h_t = A-bar_t h_{t-1} + B-bar_t u_t with an in-place odd-even parallel scan over time (_scan_forward_:
-         log2(l) levels of elementwise ops on every other time step, O(l) work), then contract with C.
-      3. Backward recomputes each block's states instead of storing them, and runs the same scan backwards in
-         time for the gradient (_ParallelSelectiveScan.backward), so memory is O(b d l), not O(b d l n).
-    Every factor the scan multiplies is an A-bar in [0, 1] or a finite input, so large delta and very negative A
-    underflow to zero and never overflow.
+    """The selective scan with no Python loop over time, in pure PyTorch for any device; same signature and results
+    as selective_scan_sequential. Channels are taken in blocks whose (l, b, c, n) tensors stay in cache (the CPU's
+    cache standing in for the GPU's SRAM of [Mamba] Section 3.3.2), each block's recurrence solved by the odd-even
+    scan of _scan_forward_ (its docstring has the picture), and backward recomputes each block's states instead of
+    storing them: memory O(b d l), not O(b d l n). Every factor the scan multiplies is an A-bar in [0, 1] or a
+    finite input, so large delta and very negative A underflow to zero and never overflow.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
@@ -875,8 +868,8 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     cache: each block of channels walks time in order with its state in cache, discretises, updates the state,
     contracts with C and applies D and the gate in the same loop, so each input is read and each output written
     once. Its backward recomputes the states chunk by chunk from a state saved every 32 steps, then runs the adjoint
-    recurrence backwards. CPU tensors only; float32 and float64, fp16/bf16 inputs computed in float32. Needs a C++
-    compiler the first time (compiled in seconds and cached); without one, scan="auto" uses the parallel scan.
+    recurrence backwards. CPU tensors only; the kernel is built for float32 and float64 (see _compute_dtype). A C++
+    compiler builds it the first time, in seconds (cached); without one, scan="auto" uses the parallel scan.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     library = _fused_library()
@@ -886,7 +879,7 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if devices != {"cpu"}:
         raise ValueError(f"the fused selective scan runs on CPU tensors, got tensors on {sorted(devices)}: use "
                          "selective_scan_parallel (scan='parallel' or 'auto') there")
-    dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    dtype_in, compute = u.dtype, _compute_dtype(u.dtype)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
     delta_bias, D = (u.new_zeros(u.shape[1]) if x is None else x.to(compute) for x in (delta_bias, D))
     h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(compute)
@@ -911,9 +904,12 @@ def _scan_function(scan, device):
     return _SCANS[scan]
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_int(name, value, low=1, high=None, high_name=None):
+    """The one integer check: a ValueError naming the argument unless value is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = ("a positive int" if low == 1 else f"an int >= {low}") if high is None else \
+            f"an int in [{low}, {f'{high_name}={high}' if high_name else high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 class MambaBlock(nn.Module):
@@ -936,13 +932,8 @@ class MambaBlock(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", inner_layernorms=False,
                  norm_eps=1e-6, scan="auto"):
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
-            _positive_int(name, value)
-        if dt_rank == "auto":
-            dt_rank = math.ceil(d_model / 16)
-        _positive_int("dt_rank (or 'auto')", dt_rank)
-        if scan not in ("auto", *_SCANS):
-            raise ValueError(f"scan must be one of {['auto', *_SCANS]}, got {scan!r}")
+        self.check_settings(d_model, d_state, d_conv, expand, dt_rank, scan)
+        dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
         self.inner_layernorms, self.scan = inner_layernorms, scan
@@ -970,6 +961,16 @@ class MambaBlock(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
+    @staticmethod
+    def check_settings(d_model, d_state, d_conv, expand, dt_rank, scan):
+        """A ValueError naming the first setting the block cannot be built with (JambaConfig asks it too)."""
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            _check_int(name, value)
+        if dt_rank != "auto":
+            _check_int("dt_rank (or 'auto')", dt_rank)
+        if scan not in ("auto", *_SCANS):
+            raise ValueError(f"scan must be one of {['auto', *_SCANS]}, got {scan!r}")
+
     def _delta_B_C(self, x):
         """The selection mechanism (Algorithm 2, lines 3-5): x (..., d) -> delta before bias (..., d), B, C (..., n)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -984,7 +985,7 @@ class MambaBlock(nn.Module):
         if history is not None:                          # convolve them too, then drop their outputs
             x_in = torch.cat([history, x_in], dim=1)                            # (b, k - 1 + l, d)
         if fused:                                        # the fused library's kernel, in the scan's layout
-            compute = torch.promote_types(x_in.dtype, torch.float32)
+            compute = _compute_dtype(x_in.dtype)
             weight, bias = self.conv1d.weight[:, 0].to(compute), self.conv1d.bias.to(compute)   # (d, k), (d,)
             out = _FusedCausalConv.apply(x_in.to(compute), weight, bias).to(x_in.dtype)   # (b, ., d)
         else:
@@ -997,11 +998,11 @@ class MambaBlock(nn.Module):
 
     def prefill(self, x, state=None, mask=None):
         """The parallel mode over x (b, l, m), from state (conv_state (b, d, k), the conv's last k inputs; ssm_state
-        (b, d, n), h in the scans' compute dtype) or from zeros -> (out (b, l, m), the state after x), which step() or
+        (b, d, n), h in the _compute_dtype) or from zeros -> (out (b, l, m), the state after x), which step() or
         another prefill continues from. mask (b, l), 1 for tokens and 0 for pads: pads are zeroed before in_proj and
         again after the conv (as in transformers' Jamba), so pads before a sequence's first token leave its state
         exactly as if they were not there."""
-        l, k = x.shape[1], self.d_conv
+        k = self.d_conv
         scan = _scan_function(self.scan, x.device)
         keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)         # (b, l, 1)
         x_in, z = self.in_proj(x if keep is None else x * keep).chunk(2, dim=-1)   # (b, l, d) each
@@ -1010,7 +1011,7 @@ class MambaBlock(nn.Module):
         if keep is not None:
             x_conv = x_conv * keep
         delta, B, C = self._delta_B_C(x_conv)                                   # (b, l, d), (b, l, n), (b, l, n)
-        compute = torch.promote_types(x.dtype, torch.float32)                   # the scans' compute dtype
+        compute = _compute_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(compute))                                  # (d, n)
         y, ssm_state = scan(
             x_conv.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
@@ -1023,7 +1024,7 @@ class MambaBlock(nn.Module):
     def step(self, x, state):
         """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and
         state = (conv_state (b, d, k), ssm_state (b, d, n)) -> (out (b, m), new state); O(1) time and memory.
-        As in the scans, the SSM runs in ssm_state's dtype (float32 when the weights are bf16)."""
+        The SSM runs in ssm_state's dtype, the _compute_dtype."""
         conv_state, ssm_state = state
         xz = self.in_proj(x)                                                    # (b, 2d)
         if (_scan_function(self.scan, x.device) is selective_scan_fused and not torch.is_grad_enabled()
@@ -1066,7 +1067,7 @@ class MambaBlock(nn.Module):
 def _rotary(x, positions):
     """Rotary position embedding (Su et al., RoFormer, arXiv 2104.09864) of x (b, h, l, e) at positions (b, l)."""
     e = x.shape[3]
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = _compute_dtype(x.dtype)
     inv_freq = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=compute) / e)          # (e/2,)
     angle = positions[:, None, :, None].to(compute) * inv_freq                   # (b, 1, l, e/2)
     cos, sin = angle.cos(), angle.sin()
@@ -1078,11 +1079,12 @@ class AttentionCache(NamedTuple):
     """An attention layer's state in generation. keys, values (b, g, s, e): a ring buffer of s slots (room for
     twice the prompt at first, doubling as it fills, up to max_seq_length), step t in slot t % max_seq_length.
     positions (b, s): the rotary position of the token in each slot, -1 for a pad or an empty slot. seen: the steps
-    taken in so far, pads included."""
+    taken in so far, pads included. pads: whether a pad was ever taken in (only then must step mask them)."""
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     seen: int
+    pads: bool = False
 
 
 def _attention_mask(query_steps, key_steps, key_is_token, window):
@@ -1110,24 +1112,29 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False, num_key_value_heads=None):
         super().__init__()
+        self.check_settings(d_model, nhead, dropout, max_seq_length, rotary, num_key_value_heads)
         num_key_value_heads = nhead if num_key_value_heads is None else num_key_value_heads
-        for name, value in (("d_model", d_model), ("nhead", nhead), ("max_seq_length", max_seq_length),
-                            ("num_key_value_heads", num_key_value_heads)):
-            _positive_int(name, value)
-        if d_model % nhead or (rotary and (d_model // nhead) % 2):
-            raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with rotary), "
-                             f"got d_model={d_model}, nhead={nhead}")
-        if nhead % num_key_value_heads:
-            raise ValueError(f"nhead must be a multiple of num_key_value_heads, got nhead={nhead}, "
-                             f"num_key_value_heads={num_key_value_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.nhead, self.num_key_value_heads, self.head_size = nhead, num_key_value_heads, d_model // nhead
         self.dropout, self.max_seq_length, self.rotary = dropout, max_seq_length, rotary
         # q, k and v in one matmul (the public Jamba code has three: q_proj, k_proj, v_proj, stacked in this order).
         self.qkv_proj = nn.Linear(d_model, (nhead + 2 * num_key_value_heads) * self.head_size, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
+
+    @staticmethod
+    def check_settings(d_model, nhead, dropout, max_seq_length, rotary, num_key_value_heads):
+        """A ValueError naming the first setting the block cannot be built with (JambaConfig asks it too)."""
+        for name, value in (("d_model", d_model), ("nhead", nhead), ("max_seq_length", max_seq_length),
+                            ("num_key_value_heads", nhead if num_key_value_heads is None else num_key_value_heads)):
+            _check_int(name, value)
+        if d_model % nhead or (rotary and (d_model // nhead) % 2):
+            raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with rotary), "
+                             f"got d_model={d_model}, nhead={nhead}")
+        if num_key_value_heads is not None and nhead % num_key_value_heads:
+            raise ValueError(f"nhead must be a multiple of num_key_value_heads, got nhead={nhead}, "
+                             f"num_key_value_heads={num_key_value_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
     def _qkv(self, x, positions):
         """x (b, l, m) at rotary positions (b, l) -> q (b, h, l, e), k and v (b, g, l, e)."""
@@ -1157,7 +1164,8 @@ class AttentionBlock(nn.Module):
         the cache with x's keys and values written in). Each query attends to the keys of the last max_seq_length
         steps, the cache's and x's own; mask (b, l) marks pads with 0."""
         out, k, v, positions = self._attend_after(x, state, mask)
-        return out, self._write(state, k, v, positions)
+        pads = (state is not None and state.pads) or (mask is not None and not bool(mask.all()))
+        return out, self._write(state, k, v, positions, pads)
 
     def _attend_after(self, x, state, mask):
         """prefill's attention: (out (b, l, m), k, v (b, g, l, e) and positions (b, l) for the cache)."""
@@ -1185,12 +1193,12 @@ class AttentionBlock(nn.Module):
         without its masks, as every cached key is a past step within the window."""
         positions = state.positions.amax(-1, keepdim=True) + 1                  # (b, 1)
         q, k, v = self._qkv(x.unsqueeze(1), positions)                          # (b, h, 1, e), (b, g, 1, e)
-        state = self._write(state, k, v, positions)
+        state = self._write(state, k, v, positions, state.pads)
         filled = min(state.seen, self.max_seq_length)
-        is_token = state.positions[:, None, None, :filled] >= 0                 # (b, 1, 1, s)  pads of the prompt
+        is_token = state.positions[:, None, None, :filled] >= 0 if state.pads else None   # (b, 1, 1, s)  not pads
         return self._attend(q, state.keys[:, :, :filled], state.values[:, :, :filled], attn_mask=is_token)[:, 0], state
 
-    def _write(self, state, k, v, positions):
+    def _write(self, state, k, v, positions, pads):
         """The cache with l more steps k, v (b, g, l, e) at positions (b, l) written into its ring (all of them, or
         the last max_seq_length when l is longer), growing its room first if need be."""
         (b, g, l, e), window = k.shape, self.max_seq_length
@@ -1214,7 +1222,7 @@ class AttentionBlock(nn.Module):
                 keys[:, :, at], values[:, :, at], key_positions[:, at] = k[:, :, start:end], v[:, :, start:end], \
                     positions[:, start:end]
                 slot = 0
-        return AttentionCache(keys, values, key_positions, seen + l)
+        return AttentionCache(keys, values, key_positions, seen + l, pads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1241,7 +1249,7 @@ class MixtureOfExperts(nn.Module):
     each token (Shazeer et al., arXiv 1701.06538). Jamba has 16 experts and picks 2, in every other layer: 16x the
     MLP parameters of those layers at about 2x their compute per token.
 
-    The router is a bias-free linear to num_experts logits with a softmax over all experts (in float32 at least);
+    The router is a bias-free linear to num_experts logits with a softmax over all experts (in _compute_dtype);
     each token goes to its K most probable experts, whose outputs are weighted by those probabilities as they are,
     not renormalised to sum to 1 (as the public Jamba code; Mixtral renormalises them). Only the chosen experts run:
     the (token, expert) pairs are grouped by expert, each expert runs once on its group, and the weighted results
@@ -1251,20 +1259,22 @@ class MixtureOfExperts(nn.Module):
 
     def __init__(self, d_model, dim_feedforward, num_experts, num_experts_per_tok=2, dropout=0.0):
         super().__init__()
-        _positive_int("num_experts", num_experts)
-        if isinstance(num_experts_per_tok, bool) or not isinstance(num_experts_per_tok, int) \
-                or not 1 <= num_experts_per_tok <= num_experts:
-            raise ValueError(f"num_experts_per_tok must be an int in [1, num_experts={num_experts}], "
-                             f"got {num_experts_per_tok!r}")
+        self.check_settings(num_experts, num_experts_per_tok)
         self.num_experts_per_tok = num_experts_per_tok
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(d_model, dim_feedforward, dropout) for _ in range(num_experts))
         self.router_probs = None
 
+    @staticmethod
+    def check_settings(num_experts, num_experts_per_tok):
+        """A ValueError naming the first setting the block cannot be built with (JambaConfig asks it too)."""
+        _check_int("num_experts", num_experts)
+        _check_int("num_experts_per_tok", num_experts_per_tok, 1, num_experts, "num_experts")
+
     def forward(self, x):
         """x (..., m) -> the same shape."""
         tokens = x.reshape(-1, x.shape[-1])                                     # (t, m)
-        compute = torch.promote_types(x.dtype, torch.float32)                   # float32 for bf16, as Jamba's
+        compute = _compute_dtype(x.dtype)
         self.router_probs = F.softmax(self.router(tokens), dim=-1, dtype=compute)   # (t, E)
         weights, chosen = self.router_probs.topk(self.num_experts_per_tok, dim=-1)       # (t, K) each
         # Sort the t*K (token, expert) pairs by expert: each expert's tokens are then one contiguous slice.
@@ -1315,7 +1325,7 @@ def layer_schedule(num_mamba_layers, num_transformer_layers, attn_layer_period=N
     return "".join("A" if i in attention_at else "M" for i in range(n_layers))
 
 
-@dataclass
+@dataclasses.dataclass
 class JambaConfig:
     """Every setting of the model, in one place: Jamba(config) or Jamba(**settings), checkpoints and train_tiny.py's
     flags all read it. Names follow the public Jamba configuration where it has the setting."""
@@ -1345,36 +1355,38 @@ class JambaConfig:
     scan: str = "auto"                 # fused kernel on CPU, else parallel; or "fused", "parallel", "sequential"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "nhead", "dim_feedforward", "max_seq_length", "num_experts"):
-            _positive_int(name, getattr(self, name))
-        for name in ("num_mamba_layers", "num_transformer_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        """Checks what only the whole model knows (layers, the plan's periods and offsets); each kind of block
+        then checks its own settings by its own rules, without a model being built."""
+        for name, low in (("vocab_size", 1), ("dim_feedforward", 1), ("max_seq_length", 1), ("num_mamba_layers", 0),
+                          ("num_transformer_layers", 0)):
+            _check_int(name, getattr(self, name), low)
         n_layers = self.num_mamba_layers + self.num_transformer_layers
         if n_layers == 0:
             raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0 layers")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if (self.attn_layer_period is None) != (self.attn_layer_offset is None):
             raise ValueError("give attn_layer_period and attn_layer_offset together, or neither")
-        plans = [("attn_layer", self.attn_layer_period is not None), ("expert_layer", self.num_experts > 1)]
-        for name, used in plans:
+        for name, used in (("attn_layer", self.attn_layer_period is not None), ("expert_layer", self.num_experts > 1)):
             period, offset = getattr(self, f"{name}_period"), getattr(self, f"{name}_offset")
             if used and (isinstance(period, bool) or not isinstance(period, int) or not isinstance(offset, int)
                          or not 0 <= offset < period):
                 raise ValueError(f"{name}_period and {name}_offset must be ints with 0 <= offset < period, "
                                  f"got {period!r} and {offset!r}")
-        if self.attn_layer_period is not None:
-            placed = layer_schedule(self.num_mamba_layers, self.num_transformer_layers, self.attn_layer_period,
-                                    self.attn_layer_offset).count("A")
-            if placed != self.num_transformer_layers:
-                raise ValueError(f"attn_layer_period={self.attn_layer_period}, attn_layer_offset="
-                                 f"{self.attn_layer_offset} place {placed} attention layers among {n_layers}, but "
-                                 f"num_transformer_layers={self.num_transformer_layers}")
+        pattern = layer_schedule(self.num_mamba_layers, self.num_transformer_layers, self.attn_layer_period,
+                                 self.attn_layer_offset)
+        if pattern.count("A") != self.num_transformer_layers:
+            raise ValueError(f"attn_layer_period={self.attn_layer_period}, attn_layer_offset={self.attn_layer_offset}"
+                             f" place {pattern.count('A')} attention layers among {n_layers}, but "
+                             f"num_transformer_layers={self.num_transformer_layers}")
         if self.num_experts > 1 and self.expert_layer_offset >= n_layers:
             raise ValueError(f"expert_layer_offset={self.expert_layer_offset} places no layer among {n_layers}: "
                              f"num_experts={self.num_experts} would never be used")
+        if "M" in pattern:
+            MambaBlock.check_settings(self.d_model, self.d_state, self.d_conv, self.expand, self.dt_rank, self.scan)
+        if "A" in pattern:                      # rotary where no Mamba layer comes before (see Jamba)
+            rotary = self.rotary and pattern.index("A") < (pattern + "M").index("M")
+            AttentionBlock.check_settings(self.d_model, self.nhead, self.dropout, self.max_seq_length, rotary,
+                                          self.num_key_value_heads)
+        MixtureOfExperts.check_settings(self.num_experts, self.num_experts_per_tok if self.num_experts > 1 else 1)
 
 
 class JambaLayer(nn.Module):
@@ -1465,27 +1477,25 @@ class Jamba(nn.Module):
     def extra_repr(self):
         return f"layer_pattern={self.layer_pattern!r}, mlp_pattern={self.mlp_pattern!r}"
 
-    def _check_idx(self, idx, name="idx"):
+    def _check_inputs(self, idx, targets=None, attention_mask=None):
+        """A TypeError or ValueError naming the argument, before any work: idx (b, l) ids in [0, vocab_size);
+        targets and attention_mask (1 for tokens, 0 for pads, bool or int, as transformers takes it) of idx's
+        shape. Returns the mask as bool, or None."""
         if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must hold token ids as torch.int64 or torch.int32, got {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"{name} must have shape (b, l), got {tuple(idx.shape)}")
-        if idx.shape[1] == 0:
-            raise ValueError(f"{name} is an empty sequence (l = 0); give at least one token")
+            raise TypeError(f"idx must hold token ids as torch.int64 or torch.int32, got {idx.dtype}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must have shape (b, l) with l >= 1 (not an empty sequence), got {tuple(idx.shape)}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"{name} holds ids in [{idx.min().item()}, {idx.max().item()}], "
+            raise ValueError(f"idx holds ids in [{idx.min().item()}, {idx.max().item()}], "
                              f"outside [0, vocab_size={self.config.vocab_size})")
-
-    def _check_mask(self, attention_mask, idx):
-        """attention_mask as transformers takes it: (b, l) like idx, 1 for tokens and 0 for pads, bool or int."""
+        for name, value in (("targets", targets), ("attention_mask", attention_mask)):
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != idx.shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
         if attention_mask is None:
             return None
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
-            got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
-                   else type(attention_mask).__name__)
-            raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) as bool or int, got "
                              f"{attention_mask.dtype}")
@@ -1520,12 +1530,7 @@ class Jamba(nn.Module):
         attention_mask (b, l): 1 for tokens, 0 for pads (any pattern here; generate needs left padding), which
         Mamba layers zero, attention layers never attend to, and the load-balancing term leaves out. With experts,
         the loss adds router_aux_loss_coef times the load-balancing term, readable as model.aux_loss."""
-        self._check_idx(idx)
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
-                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-                raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
-        mask = self._check_mask(attention_mask, idx)
+        mask = self._check_inputs(idx, targets, attention_mask)
         if idx.shape[1] > self.config.max_seq_length:
             raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.config.max_seq_length}")
         x = self.embedding(idx)                                                 # (b, l, m)
@@ -1553,8 +1558,7 @@ class Jamba(nn.Module):
         AttentionCache for attention layers. A long input can be read in pieces of any length, each in parallel:
         the pieces give the logits and states of reading it whole. attention_mask (b, l) as in forward, for left
         padding: a sequence's pads must come before its first token."""
-        self._check_idx(idx)
-        mask = self._check_mask(attention_mask, idx)
+        mask = self._check_inputs(idx, attention_mask=attention_mask)
         if states is not None:
             self._check_states(states, idx.shape[0])
         x = self.embedding(idx)                                                 # (b, l, m)
@@ -1585,14 +1589,12 @@ class Jamba(nn.Module):
         and pass attention_mask (pad_prompts does both): each sequence then continues as it would alone. Call
         model.eval() first to turn dropout off.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        _check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        self._check_idx(idx)
-        mask = self._check_mask(attention_mask, idx)
+        if top_k is not None:
+            _check_int("top_k (or None)", top_k)
+        mask = self._check_inputs(idx, attention_mask=attention_mask)
         if mask is not None and ((mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all()):
             raise ValueError("attention_mask must be left-padded for generate: each row's pads (0) before its tokens "
                              "(1), and a token last; pad_prompts(prompts, pad_id) makes such a batch")
@@ -1711,6 +1713,17 @@ _HF_DEFAULTS = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336,
                     num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=8,
                     attn_layer_offset=4, router_aux_loss_coef=0.001, mamba_d_state=16, mamba_d_conv=4,
                     mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False)
+# JambaConfig's fields under their names in config.json (the layer counts come from the attention plan, and the
+# settings every released Jamba shares, silu and the Mamba biases, are only checked).
+_HF_CONFIG_NAMES = dict(vocab_size="vocab_size", d_model="hidden_size", dim_feedforward="intermediate_size",
+                        nhead="num_attention_heads", num_key_value_heads="num_key_value_heads",
+                        max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
+                        expand="mamba_expand", dt_rank="mamba_dt_rank", num_experts="num_experts",
+                        num_experts_per_tok="num_experts_per_tok", expert_layer_period="expert_layer_period",
+                        expert_layer_offset="expert_layer_offset", router_aux_loss_coef="router_aux_loss_coef",
+                        attn_layer_period="attn_layer_period", attn_layer_offset="attn_layer_offset",
+                        tie_word_embeddings="tie_word_embeddings", rms_norm_eps="rms_norm_eps")
+_HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
 
 
 def _read_hf_config(path):
@@ -1728,26 +1741,15 @@ def _read_hf_config(path):
     if hf.get("model_type") != "jamba":
         raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, but only 'jamba' "
                          "(JambaForCausalLM) checkpoints can be loaded")
-    unsupported = {key: hf[key] for key, ours in (("hidden_act", "silu"), ("mamba_conv_bias", True),
-                                                  ("mamba_proj_bias", False)) if hf[key] != ours}
+    unsupported = {key: hf[key] for key, ours in _HF_FIXED.items() if hf[key] != ours}
     if unsupported:
         raise ValueError(f"{config_file}: {unsupported} is not supported (this implementation has silu, a conv bias "
                          "and no Mamba projection biases, as every released Jamba)")
     n_layers, period, offset = hf["num_hidden_layers"], hf["attn_layer_period"], hf["attn_layer_offset"]
     n_attention = sum(i % period == offset for i in range(n_layers)) if isinstance(period, int) and period > 0 else 0
     try:
-        config = JambaConfig(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_mamba_layers=n_layers - n_attention,
-            num_transformer_layers=n_attention, nhead=hf["num_attention_heads"],
-            dim_feedforward=hf["intermediate_size"], max_seq_length=hf["max_position_embeddings"],
-            d_state=hf["mamba_d_state"], d_conv=hf["mamba_d_conv"], expand=hf["mamba_expand"],
-            dt_rank=hf["mamba_dt_rank"], num_key_value_heads=hf["num_key_value_heads"],
-            num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-            expert_layer_period=hf["expert_layer_period"], expert_layer_offset=hf["expert_layer_offset"],
-            router_aux_loss_coef=hf["router_aux_loss_coef"], attn_layer_period=period, attn_layer_offset=offset,
-            rotary=False, tie_word_embeddings=hf["tie_word_embeddings"], rms_norm_eps=hf["rms_norm_eps"])
-        with torch.device("meta"):
-            Jamba(config)                                   # the blocks check their own settings (heads, top-K)
+        config = JambaConfig(**{ours: hf[theirs] for ours, theirs in _HF_CONFIG_NAMES.items()}, rotary=False,
+                             num_mamba_layers=n_layers - n_attention, num_transformer_layers=n_attention)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from None
     index = path / "model.safetensors.index.json"
@@ -1856,15 +1858,9 @@ def _hf_config(model, special_token_ids):
         raise ValueError(f"layer_pattern {model.layer_pattern!r} is not one that attn_layer_period and "
                          "attn_layer_offset give (attention where i % period == offset): choose a number of "
                          "attention layers that divides the layers evenly, or set the period and offset")
-    return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "vocab_size": c.vocab_size,
-            "hidden_size": c.d_model, "intermediate_size": c.dim_feedforward, "num_hidden_layers": n_layers,
-            "num_attention_heads": c.nhead, "num_key_value_heads": c.num_key_value_heads or c.nhead,
-            "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
-            "max_position_embeddings": c.max_seq_length, "attention_dropout": 0.0, "num_experts": c.num_experts,
-            "num_experts_per_tok": c.num_experts_per_tok, "expert_layer_period": c.expert_layer_period,
-            "expert_layer_offset": c.expert_layer_offset, "attn_layer_period": plan[0], "attn_layer_offset": plan[1],
-            "router_aux_loss_coef": c.router_aux_loss_coef, "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv,
-            "mamba_expand": c.expand, "mamba_dt_rank": model.layers[0].mixer.dt_rank if "M" in model.layer_pattern
-            else c.dt_rank, "mamba_conv_bias": True, "mamba_proj_bias": False,
-            "dtype": str(model.embedding.weight.dtype).removeprefix("torch."),
+    settings = dict(dataclasses.asdict(c), attn_layer_period=plan[0], attn_layer_offset=plan[1],
+                    num_key_value_heads=c.num_key_value_heads or c.nhead)
+    return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "num_hidden_layers": n_layers,
+            **{theirs: settings[ours] for ours, theirs in _HF_CONFIG_NAMES.items()}, **_HF_FIXED,
+            "attention_dropout": 0.0, "dtype": str(model.embedding.weight.dtype).removeprefix("torch."),
             **dict(dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")), **(special_token_ids or {}))}

@@ -170,6 +170,7 @@ class Codec:
             from tokenizers import Tokenizer
             self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.size = len(vocab) if vocab is not None else self.tokenizer.get_vocab_size()
+        self.unit, self.bits_per = ("chars", "bpc") if self.tokenizer is None else ("tokens", "bits/token")
 
     def unknown(self, text):
         """The characters of text it cannot encode: outside the vocabulary, or that the tokenizer drops or turns
@@ -252,12 +253,9 @@ def make_config(args, vocab_size):
     settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(JambaConfig)
                 if field.name != "vocab_size"}
     try:
-        config = JambaConfig(vocab_size=vocab_size, **settings)
-        with torch.device("meta"):
-            Jamba(config)                               # the blocks check their own settings (heads, experts)
+        return JambaConfig(vocab_size=vocab_size, **settings)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return config
 
 
 def pick_device(name):
@@ -404,11 +402,11 @@ def sample_main(args, device):
     ckpt = load_checkpoint(Path(args.out) / "ckpt.pt")
     model = Jamba(**ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
-    text, tokens_per_second = sample_text(model, checkpoint_codec(ckpt), args.prompt, args, device)
+    codec = checkpoint_codec(ckpt)
+    text, tokens_per_second = sample_text(model, codec, args.prompt, args, device)
     print(text)
-    unit = "tokens" if ckpt.get("tokenizer") else "chars"
-    print(f"\n[{args.max_new_tokens} {'tokens' if unit == 'tokens' else 'characters'} at {tokens_per_second:.0f} "
-          f"{unit}/s on {device}]")
+    print(f"\n[{args.max_new_tokens} {'characters' if codec.tokenizer is None else 'tokens'} at "
+          f"{tokens_per_second:.0f} {codec.unit}/s on {device}]")
 
 
 def export_main(args):
@@ -430,10 +428,45 @@ def export_main(args):
     return 0
 
 
-def train_main(args, device, rank=0, world_size=1):
-    """Train, evaluate and checkpoint; under torchrun every rank runs this, and rank 0 alone prints, evaluates,
-    writes checkpoints and samples."""
-    say = print if rank == 0 else (lambda *_, **__: None)
+@dataclasses.dataclass
+class Run:
+    """A training run: what it trains on and with, and where it stands, all of which its checkpoint keeps."""
+    args: argparse.Namespace
+    config: JambaConfig
+    codec: Codec
+    data_identity: dict
+    train_data: torch.Tensor
+    val_data: torch.Tensor
+    tokenizer_files: dict | None                  # a fine-tuning run's tokenizer (--init-from), else None
+    special_token_ids: dict | None
+    model: Jamba
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: torch.Generator                      # draws the windows of every batch
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best_val: float = float("inf")
+    seconds_before: float = 0.0                   # of training in earlier runs of this checkpoint
+    started: float = 0.0                          # this run's clock start
+
+    def seconds(self):
+        """Seconds of training so far, over every run of this checkpoint, evaluations included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def checkpoint(self, device):
+        return {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "vocab": self.codec.vocab, "tokenizer": self.tokenizer_files,
+                "special_token_ids": self.special_token_ids, "init_from": self.args.init_from, "step": self.step,
+                "seconds": self.seconds(), "history": self.history, "best_val_loss": self.best_val,
+                "data": self.data_identity, "args": vars(self.args),
+                "rng": {"torch": torch.get_rng_state(), "batches": self.batches.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+def prepare_run(args, device, dtype, world_size):
+    """The Run a command asks for: a new one, or the one in --out with --resume (refused where the data, the
+    model or the tokenizer differ from the command's); its model and its tokenizer from --init-from if given."""
     ckpt_path = Path(args.out) / "ckpt.pt"
     text, data_identity = read_corpus(args.data)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -468,137 +501,157 @@ def train_main(args, device, rank=0, world_size=1):
     train_data, val_data = split_data(data, args.block_size)
 
     torch.manual_seed(args.seed)
-    batch_generator = torch.Generator().manual_seed(args.seed)
+    batches = torch.Generator().manual_seed(args.seed)
     model = Jamba(config)
     if weights is not None:
         model.load_state_dict(weights)
     model.to(device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    step, history, best_val, elapsed_before = 0, [], float("inf"), 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history, best_val, elapsed_before = ckpt["step"], ckpt["history"], ckpt["best_val_loss"], ckpt["seconds"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batch_generator.set_state(ckpt["rng"]["batches"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    # Several processes: DistributedDataParallel averages the gradients of their shards of every batch.
-    trained = model if world_size == 1 else DistributedDataParallel(model)
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     # float16's narrow range would flush small gradients to zero: the loss is scaled up before backward and the
     # gradients down before the step, the scale adapting to stay clear of overflow.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    if ckpt is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    run = Run(args, config, codec, data_identity, train_data, val_data, tokenizer_files, special_token_ids, model,
+              make_optimizer(model, args.lr, args.weight_decay),
+              torch.amp.GradScaler(device.type, enabled=dtype == "float16"), batches)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        run.step, run.history, run.best_val, run.seconds_before = (ckpt["step"], ckpt["history"],
+                                                                   ckpt["best_val_loss"], ckpt["seconds"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batches.set_state(ckpt["rng"]["batches"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return run
 
-    n_params = sum(p.numel() for p in model.parameters())
-    bits = "bpc" if codec.tokenizer is None else "bits/token"                # the loss in bits per unit of text
-    say(f"data: {data_identity['name']} ({len(text):,} chars, {len(data):,} tokens, vocab {codec.size}, "
-        f"{len(train_data):,} train / {len(val_data):,} val)")
+
+def describe(run, device, dtype, world_size, say):
+    """The run's data and model, in two lines (three when it resumes)."""
+    model, config = run.model, run.config
+    say(f"data: {run.data_identity['name']} ({run.data_identity['chars']:,} chars, "
+        f"{len(run.train_data) + len(run.val_data):,} tokens, vocab {run.codec.size}, {len(run.train_data):,} train "
+        f"/ {len(run.val_data):,} val)")
     experts = "" if "E" not in model.mlp_pattern else (
         f" mlp_pattern={model.mlp_pattern} ({config.num_experts} experts, top-{config.num_experts_per_tok})")
     processes = f" x {world_size} processes" if world_size > 1 else ""
-    say(f"model: Jamba layer_pattern={model.layer_pattern}{experts} ({n_params / 1e6:.2f}M parameters) on "
-        f"{device}{processes}, {dtype}")
-    if step:
-        say(f"resuming at step {step} of {args.max_iters} from {ckpt_path}")
+    say(f"model: Jamba layer_pattern={model.layer_pattern}{experts} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on {device}{processes}, {dtype}")
+    if run.step:
+        say(f"resuming at step {run.step} of {run.args.max_iters} from {Path(run.args.out) / 'ckpt.pt'}")
 
-    def checkpoint_state():
-        return {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "vocab": codec.vocab, "tokenizer": tokenizer_files, "special_token_ids": special_token_ids,
-                "init_from": args.init_from, "step": step, "seconds": elapsed(), "history": history,
-                "best_val_loss": best_val,
-                "data": data_identity, "args": vars(args), "scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "batches": batch_generator.get_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
-    def elapsed():
-        """Seconds of training so far, over every run of this checkpoint, evaluations included."""
-        return elapsed_before + time.perf_counter() - start
+def evaluate(run, device, autocast):
+    """Losses on both splits into the history and the log, then a checkpoint (rank 0 only)."""
+    losses = estimate_loss(run.model, {"train": run.train_data, "val": run.val_data}, run.args, device, autocast)
+    run.best_val = min(run.best_val, losses["val"])
+    run.history.append({"step": run.step, "seconds": run.seconds(), **losses})
+    balance = "" if run.model.aux_loss is None else f", load balance {run.model.aux_loss.item():.3f}"
+    bits = run.codec.bits_per
+    tqdm.write(f"step {run.step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} {bits}), "
+               f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} {bits}){balance}")
+    save_checkpoint(Path(run.args.out) / "ckpt.pt", run.checkpoint(device))
 
-    def evaluate():
-        nonlocal best_val
-        losses = estimate_loss(model, {"train": train_data, "val": val_data}, args, device, autocast)
-        best_val = min(best_val, losses["val"])
-        history.append({"step": step, "seconds": elapsed(), **losses})
-        balance = "" if model.aux_loss is None else f", load balance {model.aux_loss.item():.3f}"
-        tqdm.write(f"step {step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} {bits}), "
-                   f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} {bits}){balance}")
-        save_checkpoint(ckpt_path, checkpoint_state())
 
-    def agree(stop, seconds):
-        """Rank 0's stop decision and clock, for every rank: the learning rate follows the clock under
-        --time-budget, and all ranks must take the same steps."""
-        if world_size == 1:
-            return stop, seconds
-        shared = torch.tensor([float(stop), seconds], dtype=torch.float64, device=device)
-        dist.broadcast(shared, src=0)
-        return bool(shared[0]), shared[1].item()
+def agree(stop, seconds, world_size, device):
+    """Rank 0's stop decision and clock, for every rank: the learning rate follows the clock under --time-budget,
+    and all ranks must take the same steps."""
+    if world_size == 1:
+        return stop, seconds
+    shared = torch.tensor([float(stop), seconds], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return bool(shared[0]), shared[1].item()
 
+
+def catch_signals():
+    """A list that Ctrl-C or torchrun's SIGTERM appends to, so the run stops after its step and saves."""
     interrupted = []
-    for signum in (signal.SIGINT, signal.SIGTERM):        # Ctrl-C, or torchrun stopping its workers: stop after this
-        signal.signal(signum, lambda signum, frame: interrupted.append(signum))   # step and save
-    start, tokens = time.perf_counter(), 0
-    model.train()
-    # The bar counts seconds under --time-budget (steps otherwise), only on a terminal: in a log, the evaluation
-    # lines tell the progress.
-    bar_args = (dict(total=round(args.time_budget), initial=round(elapsed_before), unit="s",
-                     bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
-                if args.time_budget is not None else dict(total=args.max_iters, initial=step, unit="step"))
-    bar = tqdm(**bar_args, dynamic_ncols=True, mininterval=1.0, disable=rank != 0 or not sys.stderr.isatty())
-    while step < args.max_iters:
-        stop, seconds = agree(bool(interrupted) or (args.time_budget is not None and elapsed() >= args.time_budget),
-                              elapsed())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: interrupted.append(signum))
+    return interrupted
+
+
+def release_signals():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def progress_bar(run, rank):
+    """Seconds of the budget under --time-budget, steps otherwise; only on a terminal, as in a log the evaluation
+    lines tell the progress."""
+    args = run.args
+    counts = (dict(total=round(args.time_budget), initial=round(run.seconds_before), unit="s",
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
+              if args.time_budget is not None else dict(total=args.max_iters, initial=run.step, unit="step"))
+    return tqdm(**counts, dynamic_ncols=True, mininterval=1.0, disable=rank != 0 or not sys.stderr.isatty())
+
+
+def show_progress(bar, run, loss, tokens_per_second):
+    postfix = {"step": run.step, "loss": f"{loss:.4f}", "tok_s": f"{tokens_per_second:.0f}"}
+    if run.model.aux_loss is not None:                              # the load-balancing term, K when balanced
+        postfix["balance"] = f"{run.model.aux_loss.item():.3f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1 if run.args.time_budget is None else round(run.seconds()) - bar.n)
+
+
+def train_main(args, device, rank=0, world_size=1):
+    """Train, evaluate and checkpoint; under torchrun every rank runs this, and rank 0 alone prints, evaluates,
+    writes checkpoints and samples."""
+    say = print if rank == 0 else (lambda *_, **__: None)
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    run = prepare_run(args, device, dtype, world_size)
+    describe(run, device, dtype, world_size, say)
+    # Several processes: DistributedDataParallel averages the gradients of their shares of every batch.
+    trained = run.model if world_size == 1 else DistributedDataParallel(run.model)
+    interrupted, bar = catch_signals(), progress_bar(run, rank)
+    run.started, tokens = time.perf_counter(), 0
+    run.model.train()
+    while run.step < args.max_iters:
+        over_budget = args.time_budget is not None and run.seconds() >= args.time_budget
+        stop, seconds = agree(bool(interrupted) or over_budget, run.seconds(), world_size, device)
         if stop:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, seconds, args)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(run.step, seconds, args)
         # The whole batch's windows are drawn alike on every rank; each rank takes its share, in --grad-accum parts.
-        starts = torch.randint(len(train_data) - args.block_size, (args.batch_size,), generator=batch_generator)
-        optimizer.zero_grad(set_to_none=True)
-        micro_losses = []
+        starts = torch.randint(len(run.train_data) - args.block_size, (args.batch_size,), generator=run.batches)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses = []
         for i, part in enumerate(shard(starts, rank, world_size, args.grad_accum)):
-            x, y = windows(train_data, part, args.block_size, device)
-            last = i == args.grad_accum - 1
+            x, y = windows(run.train_data, part, args.block_size, device)
+            last = i == args.grad_accum - 1                 # DDP averages gradients after the last part only
             with (nullcontext() if last or world_size == 1 else trained.no_sync()), autocast:
                 _, loss = trained(x, y)
-            scaler.scale(loss / args.grad_accum).backward()   # gradients of the mean over the whole batch
-            micro_losses.append(loss.item())
-        scaler.unscale_(optimizer)
+            run.scaler.scale(loss / args.grad_accum).backward()   # gradients of the mean over the whole batch
+            losses.append(loss.item())
+        run.scaler.unscale_(run.optimizer)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)                             # skipped if float16 gradients overflowed
-        scaler.update()
-        step += 1
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        run.scaler.step(run.optimizer)                      # skipped if float16 gradients overflowed
+        run.scaler.update()
+        run.step += 1
         tokens += args.batch_size * args.block_size
-        postfix = {"step": step, "loss": f"{sum(micro_losses) / len(micro_losses):.4f}",
-                   "tok_s": f"{tokens / (time.perf_counter() - start):.0f}"}
-        if model.aux_loss is not None:                              # the load-balancing term, K when balanced
-            postfix["balance"] = f"{model.aux_loss.item():.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1 if args.time_budget is None else round(elapsed()) - bar.n)
-        if step % args.eval_interval == 0 and step < args.max_iters and rank == 0:
-            evaluate()
+        show_progress(bar, run, sum(losses) / len(losses), tokens / (time.perf_counter() - run.started))
+        if run.step % args.eval_interval == 0 and run.step < args.max_iters and rank == 0:
+            evaluate(run, device, autocast)
     bar.close()
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - run.started
     if rank != 0:
         return 130 if interrupted else 0
+    ckpt_path = Path(args.out) / "ckpt.pt"
     if interrupted:
-        save_checkpoint(ckpt_path, checkpoint_state())
-        say(f"interrupted at step {step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
+        save_checkpoint(ckpt_path, run.checkpoint(device))
+        say(f"interrupted at step {run.step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
             f"rerun the same command with --resume to continue")
         return 130
-    if not history or history[-1]["step"] != step:
-        evaluate()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    say(f"done: {step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); "
-        f"best val loss {best_val:.4f} nats ({best_val / math.log(2):.3f} {bits}); checkpoint {ckpt_path}")
-    prompt = args.prompt if not codec.unknown(args.prompt) else codec.decode([0])
-    text, tokens_per_second = sample_text(model, codec, prompt, args, device)
-    say(f"--- sample ({tokens_per_second:.0f} {'chars' if codec.tokenizer is None else 'tokens'}/s) ---\n{text}")
+    if not run.history or run.history[-1]["step"] != run.step:
+        evaluate(run, device, autocast)
+    release_signals()
+    say(f"done: {run.step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); best val "
+        f"loss {run.best_val:.4f} nats ({run.best_val / math.log(2):.3f} {run.codec.bits_per}); checkpoint {ckpt_path}")
+    prompt = args.prompt if not run.codec.unknown(args.prompt) else run.codec.decode([0])
+    text, tokens_per_second = sample_text(run.model, run.codec, prompt, args, device)
+    say(f"--- sample ({tokens_per_second:.0f} {run.codec.unit}/s) ---\n{text}")
     return 0
 
 

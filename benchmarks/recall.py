@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from _common import machine, pyplot, save_figure, write_table
 from JAMBA import Jamba
