@@ -1190,7 +1190,8 @@ class AttentionBlock(nn.Module):
 
     def step(self, x, state):
         """One token x (b, m) with its cache -> (out (b, m), the cache, updated in place): prefill of one token,
-        without its masks, as every cached key is a past step within the window."""
+        without the window's mask, as every cached key is a past step within it; pads, if the cache took any in,
+        are still masked."""
         positions = state.positions.amax(-1, keepdim=True) + 1                  # (b, 1)
         q, k, v = self._qkv(x.unsqueeze(1), positions)                          # (b, h, 1, e), (b, g, 1, e)
         state = self._write(state, k, v, positions, state.pads)
