@@ -274,6 +274,7 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
 # of channels and compiled on first use (without torch's headers, so in seconds), then called through ctypes.
 _FUSED_LANES = 64     # channels per block: the lanes of the kernel's inner loops (any vector width divides it)
 _FUSED_CHUNK = 32     # time steps per chunk: forward saves the state at each chunk's start, backward reruns a chunk
+_FUSED_TYPES = {torch.float32: "f32", torch.float64: "f64"}   # the dtypes it is built for, and their suffix
 
 _FUSED_SOURCE = r"""
 // [Mamba] Algorithm 2 fused into one pass over memory. Every channel is independent: the d channels are taken in
@@ -836,9 +837,6 @@ class _FusedCausalConv(torch.autograd.Function):
             *map(_pointer, (x, weight, bias, grad_out, grad_x, grad_weight, grad_bias)),
             *map(ctypes.c_int64, (b, l, padded, k)), ctypes.c_int(threads))
         return grad_x[..., :d], grad_weight.sum(0)[:, :d].t(), grad_bias.sum(0)[:d]
-
-
-_FUSED_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _pad_channels(x, pad, dim):
