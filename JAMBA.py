@@ -1634,9 +1634,8 @@ class Jamba(nn.Module):
         become its parameters, so memory holds one copy of the weights, in their stored dtype unless dtype is
         given (the released weights are bf16). Needs the safetensors package. Returns the model in eval mode.
         """
-        from safetensors.torch import load_file    # only here, so that JAMBA.py itself needs nothing but torch
-
         config, files = _read_hf_config(Path(path))
+        load_file = _safetensors().load_file
         with torch.device("meta"):
             model = cls(config)
         hf_state = {}
@@ -1663,9 +1662,8 @@ class Jamba(nn.Module):
         written whole into a temporary one beside it and renamed into place, replacing what was there, so it
         never holds half a checkpoint. A model the format cannot express raises before anything is written.
         Needs the safetensors package."""
-        from safetensors.torch import save_file   # only here, so that JAMBA.py itself needs nothing but torch
-
         hf_config = _hf_config(self, special_token_ids)
+        save_file = _safetensors().save_file
         state, tensors = self.state_dict(), {}
         for key, name in _hf_names(self).items():
             parts = state[key].split(_qkv_sizes(self, key)) if isinstance(name, tuple) else [state[key]]
@@ -1723,6 +1721,17 @@ _HF_CONFIG_NAMES = dict(vocab_size="vocab_size", d_model="hidden_size", dim_feed
                         attn_layer_period="attn_layer_period", attn_layer_offset="attn_layer_offset",
                         tie_word_embeddings="tie_word_embeddings", rms_norm_eps="rms_norm_eps")
 _HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
+
+
+def _safetensors():
+    """The safetensors package's torch functions, imported only where a checkpoint is read or written, so that
+    JAMBA.py itself needs nothing but torch; where it is missing, one line saying what to install."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ModuleNotFoundError("checkpoints in the Hugging Face format need the safetensors package: pip install "
+                                  "safetensors", name="safetensors") from None
+    return safetensors.torch
 
 
 def _read_hf_config(path):

@@ -25,8 +25,11 @@ from JAMBA import (MLP, AttentionBlock, AttentionCache, Jamba, JambaConfig, Mamb
                    layer_schedule, load_balancing_loss, pad_prompts, selective_scan_sequential)
 
 
+# Derandomised: every run of the suite draws the same examples. To draw others, HYPOTHESIS_PROFILE=jamba-seeded with
+# --hypothesis-seed=N (derandomize would ignore the seed; no example database, so each seed stands alone).
 settings.register_profile("jamba", deadline=None, max_examples=40, derandomize=True)
-settings.load_profile("jamba")
+settings.register_profile("jamba-seeded", settings.get_profile("jamba"), derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jamba"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,6 +61,28 @@ def scan_and_grads(scan, inputs, **flags):
     objective = (out * weights).sin().sum() + last_state.cos().sum()
     grads = torch.autograd.grad(objective, list(inputs.values()))
     return out, last_state, dict(zip(inputs, grads))
+
+
+def scan_truth_and_magnitudes(inputs, **flags):
+    """scan_and_grads of the sequential scan in float64 on the same values (the truth), and beside each result its
+    magnitude: the same computation with every sum's terms made non-negative (|u|, |B|, |C|, |D|, |h0|, |silu(z)|
+    and the objective's slopes bounded as |w| (1 + |out w|) and 1 + |last|, which also bound how far rounding in
+    out and last moves them). A sum of T terms computed in floating point is off by at most about T eps times the
+    sum of its terms' magnitudes (Higham, Accuracy and Stability of Numerical Algorithms, Section 4.2), which can
+    be far larger than the sum itself where terms cancel (the gradient of A sums b l terms of both signs)."""
+    exact = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    truth = scan_and_grads(selective_scan_sequential, exact, **flags)
+    out, last_state = truth[0].detach(), truth[1].detach()
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    positive = {k: (v.detach().abs() if k in ("u", "B", "C", "D", "initial_state") else v.detach()).requires_grad_()
+                for k, v in exact.items()}
+    z = positive.pop("z", None)
+    y, h = selective_scan_sequential(**positive, return_last_state=True, **flags)
+    if z is not None:
+        y, positive["z"] = y * F.silu(z).abs(), z
+    bound = (y * weights.abs() * (1 + (out * weights).abs())).sum() + (h * (1 + last_state.abs())).sum()
+    grads = torch.autograd.grad(bound, list(positive.values()))
+    return truth, dict(out=y.detach(), last_state=h.detach(), **{k: g.abs() for k, g in zip(positive, grads)})
 
 
 def assert_relative(actual, expected, tol, what):
@@ -130,19 +155,27 @@ MODEL_VARIANTS = {"hybrid": dict(), "transformer": dict(num_mamba_layers=0, num_
 # state across a split, stay finite at the extremes, keep bf16 in bf16 and reject bad arguments; the fused kernel
 # builds once and says so, and without a compiler everything falls back to the parallel scan.
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(shape=scan_shapes, flags=scan_flags, seed=st.integers(0, 2 ** 16))
 @settings(max_examples=80)
-def test_fast_scans_equal_sequential_with_gradients(fast_scan, dtype, tol, shape, flags, seed):
+def test_fast_scans_equal_sequential_with_gradients(fast_scan, dtype, shape, flags, seed):
+    """The fast scan and the sequential one, each in dtype, against the float64 truth: outputs, last state and
+    every gradient within 4 eps T of their magnitudes (scan_truth_and_magnitudes), T = b l + d + n the most terms
+    any result sums (over time and the batch, the channels and the state). Where the 4 comes from: over 3,000
+    random float32 cases (all three scans) the largest error seen was 0.9 eps (l + d + n) magnitudes."""
     delta_softplus = flags.pop("delta_softplus")
+    b, d, n, l = shape
     inputs = make_scan_inputs(seed, *shape, dtype, **flags)
-    expected = scan_and_grads(selective_scan_sequential, inputs, delta_softplus=delta_softplus)
-    actual = scan_and_grads(fast_scan, inputs, delta_softplus=delta_softplus)
-    assert actual[0].dtype == dtype and actual[1].shape == (shape[0], shape[1], shape[2])
-    assert_relative(actual[0], expected[0], tol, "out")
-    assert_relative(actual[1], expected[1], tol, "last_state")
-    for name in inputs:
-        assert_relative(actual[2][name], expected[2][name], tol, f"grad of {name}")
+    truth, magnitudes = scan_truth_and_magnitudes(inputs, delta_softplus=delta_softplus)
+    tolerance = 4 * torch.finfo(dtype).eps * (b * l + d + n)
+    for scan in (fast_scan, selective_scan_sequential):
+        out, last_state, grads = scan_and_grads(scan, inputs, delta_softplus=delta_softplus)
+        assert out.dtype == dtype and last_state.shape == (b, d, n)
+        for name, actual in dict(out=out, last_state=last_state, **grads).items():
+            expected = truth[2][name] if name in grads else truth[("out", "last_state").index(name)]
+            err = (actual.double() - expected).abs().max().item()
+            bound = tolerance * magnitudes[name].max().item()
+            assert err <= bound, f"{scan.__name__}, {name}: max error {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("l", [1, 5, 33, 70])
@@ -1127,6 +1160,24 @@ def test_save_pretrained_refuses_what_the_format_cannot_express_before_writing(t
     assert "\n" not in str(error.value) and not list(tmp_path.iterdir())
 
 
+def test_checkpoints_without_safetensors_say_what_to_install(monkeypatch, tmp_path):
+    """Where safetensors is missing, save_pretrained and from_pretrained say in one line what to install, after
+    refusing what they would refuse anyway, and write nothing."""
+    model = tiny_jamba(rotary=False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(JAMBA._hf_config(model, None)))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "safetensors", None)          # import safetensors now fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    for call in (lambda: model.save_pretrained(tmp_path / "saved"), lambda: Jamba.from_pretrained(tmp_path / "hf")):
+        with pytest.raises(ModuleNotFoundError, match="need the safetensors package: pip install safetensors$") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    with pytest.raises(ValueError, match="rotary positions"):           # a refusal comes before the import
+        tiny_jamba(0, 2).save_pretrained(tmp_path / "saved")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 8. train_tiny.py, end to end
 # ---------------------------------------------------------------------------------------------------------------
@@ -1458,6 +1509,8 @@ def test_export_refuses_a_full_directory_and_a_missing_checkpoint(full_run, tmp_
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert (full / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
+    for package in ("safetensors", "tokenizers"):
+        pytest.importorskip(package, reason=f"the export itself needs {package} (.ci/run installs it)")
     assert train_tiny.main(["--out", str(out), "--export", str(full), "--force"]) == 0
     assert not (full / "notes.txt").exists() and (full / "model.safetensors").is_file()
 
