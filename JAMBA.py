@@ -26,16 +26,12 @@ Paper symbols: Delta (here `delta`), A, B, C, D as in [Mamba] Section 2 and Algo
 A-bar = exp(Delta A) and `dBu` is B-bar u = Delta B u, both of Eq. (4).
 """
 
-import ctypes
 import dataclasses
-import functools
-import hashlib
+import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -80,8 +76,7 @@ def _compute_dtype(dtype):
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """The sequential and parallel scans' common start (the fused kernel does it inside): the inputs in the
-    _compute_dtype, then delta = softplus(delta + delta_bias) as the reference does."""
+    """The sequential and parallel scans' common start: inputs in the _compute_dtype, delta = softplus(delta + bias)."""
     compute = _compute_dtype(u.dtype)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -92,8 +87,7 @@ def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
 
 
 def _scan_output(y, u, D, z, dtype_in):
-    """The sequential and parallel scans' common end (the fused kernel does it inside): the skip connection D u of
-    Algorithm 2 and the gate silu(z) of Figure 3."""
+    """The sequential and parallel scans' common end: the skip D u of Algorithm 2, the gate silu(z) of Figure 3."""
     if D is not None:
         y = y + D.to(y.dtype)[:, None] * u
     if z is not None:
@@ -109,11 +103,8 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t        (b, d, n)   A-bar and B-bar of Eq. (4)
         y_t = C_t . h_t + D u_t                                 (b, d)
         out = y * silu(z)                                       when z is given
-    Args:
-        u, delta, z: (b, d, l);  A: (d, n), real;  B, C: (b, n, l);  D, delta_bias: (d,);  initial_state: (b, d, n)
-    Returns:
-        out (b, d, l) in u's dtype, and last_state (b, d, n) in the _compute_dtype when return_last_state.
-    """
+    u, delta, z (b, d, l);  A (d, n), real;  B, C (b, n, l);  D, delta_bias (d,);  initial_state (b, d, n)  ->
+    out (b, d, l) in u's dtype, and last_state (b, d, n) in the _compute_dtype when return_last_state."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -145,8 +136,7 @@ def _scan_forward_(a, x):
                                                         x1 = x0..1   x3 = x0..3   x5 = x0..5   x7 = x0..7
         3. each even position 2i >= 2 takes one step from the finished odd position before it
            x_{2i} += a_{2i} x_{2i-1}                    x2 = x0..2   x4 = x0..4   x6 = x0..6
-    An odd length leaves its last element unpaired in step 1; step 3 finishes it like any other even position.
-    """
+    An odd length leaves its last element unpaired in step 1; step 3 finishes it like any other even position."""
     l = x.shape[0]
     if l < 2:
         return
@@ -259,8 +249,7 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     cache standing in for the GPU's SRAM of [Mamba] Section 3.3.2), each block's recurrence solved by the odd-even
     scan of _scan_forward_ (its docstring has the picture), and backward recomputes each block's states instead of
     storing them: memory O(b d l), not O(b d l n). Every factor the scan multiplies is an A-bar in [0, 1] or a
-    finite input, so large delta and very negative A underflow to zero and never overflow.
-    """
+    finite input, so large delta and very negative A underflow to zero and never overflow."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -270,620 +259,42 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     return (out, last_state) if return_last_state else out
 
 
-# The fused scan: the same recurrence as selective_scan_sequential, written as one C++ loop over time for each block
-# of channels and compiled on first use (without torch's headers, so in seconds), then called through ctypes.
-_FUSED_LANES = 64     # channels per block: the lanes of the kernel's inner loops (any vector width divides it)
-_FUSED_CHUNK = 32     # time steps per chunk: forward saves the state at each chunk's start, backward reruns a chunk
-_FUSED_TYPES = {torch.float32: "f32", torch.float64: "f64"}   # the dtypes it is built for, and their suffix
-
-_FUSED_SOURCE = r"""
-// [Mamba] Algorithm 2 fused into one pass over memory. Every channel is independent: the d channels are taken in
-// blocks of LANES (the lanes of every inner loop over c, which the compiler turns into vector instructions), the
-// blocks of all sequences are shared among the threads, and each block walks time in order with its state h
-// (n x LANES numbers) in L1 cache. Each step reads u, delta, z (LANES each) and B, C (n each) and writes y: the
-// (b, d, l, n) tensors of discretisation and states are never made.
-// Layouts: u, delta, z, out and their gradients (b, l, d), channels contiguous; B, C (b, l, n); A (n, d); D (d);
-// h0, last and grad_h0 (b, d, n); saved (b, chunks, n, d), the state at the start of each chunk of CHUNK steps.
-// d is a multiple of LANES (the caller pads with channels whose inputs are 0).
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-constexpr int W = LANES;
-
-// exp(x) = 2^k exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by its Taylor series to r^6 (float) or
-// r^12 (double): arithmetic and bit moves only, so it vectorises over the lanes, where a call to libm's exp would not.
-template <typename T> struct Bits;
-template <> struct Bits<float> { using I = int32_t; static constexpr int mantissa = 23, bias = 127, terms = 7; };
-template <> struct Bits<double> { using I = int64_t; static constexpr int mantissa = 52, bias = 1023, terms = 13; };
-
-template <typename T> static inline T exp_(T x) {
-    using I = typename Bits<T>::I;
-    const T lo = sizeof(T) == 4 ? T(-87.3) : T(-708.3), hi = sizeof(T) == 4 ? T(88.7) : T(709.7);
-    const T round = T(1.5) * T(I(1) << Bits<T>::mantissa);           // (x + round) - round: x rounded to an int
-    const T xc = std::min(std::max(x, lo), hi);
-    const T t = xc * T(1.4426950408889634) + round;
-    const T k = t - round;
-    const T r = xc - k * T(0.693145751953125) - k * T(1.42860682030941723212e-06);   // ln 2 in two parts
-    T p = T(1);
-#pragma GCC unroll 16
-    for (int i = Bits<T>::terms - 1; i >= 1; --i) p = T(1) + p * r * T(1.0 / i);      // Horner
-    I bits, round_bits;
-    std::memcpy(&bits, &t, sizeof(T));
-    std::memcpy(&round_bits, &round, sizeof(T));
-    bits = (bits - round_bits + Bits<T>::bias) << Bits<T>::mantissa;                   // the bits of 2^k
-    T two_k;
-    std::memcpy(&two_k, &bits, sizeof(T));
-    return x < lo ? T(0) : (x > hi ? T(INFINITY) : p * two_k);
-}
-
-// log(x) for x >= 1 (all softplus needs): x = 2^e m with m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s) with
-// s = (m - 1) / (m + 1), |s| < 0.18, by its series to s^9 (float) or s^19 (double). Vectorises as exp_ does.
-template <typename T> static inline T log_(T x) {
-    using I = typename Bits<T>::I;
-    I bits;
-    std::memcpy(&bits, &x, sizeof(T));
-    I e = (bits >> Bits<T>::mantissa) - Bits<T>::bias;
-    bits = (bits & ((I(1) << Bits<T>::mantissa) - 1)) | (I(Bits<T>::bias) << Bits<T>::mantissa);
-    T m;
-    std::memcpy(&m, &bits, sizeof(T));
-    const bool halve = m > T(1.4142135623730951);
-    m = halve ? m * T(0.5) : m;
-    e = halve ? e + 1 : e;
-    const T s = (m - T(1)) / (m + T(1)), s2 = s * s;
-    T p = T(1);
-#pragma GCC unroll 16
-    for (int i = sizeof(T) == 4 ? 9 : 19; i >= 3; i -= 2) p = T(1) + p * s2 * T((i - 2.0) / i);   // Horner
-    return T(e) * T(0.6931471805599453) + T(2) * s * p;
-}
-
-// softplus(x) = log(1 + e^x), with Goldberg's correction so that it stays exact where e^x is below the precision
-// of 1 + e^x, and x itself past 20, as torch's softplus.
-template <typename T> static inline T softplus_(T x) {
-    const T t = exp_(x), u = T(1) + t;
-    return x > T(20) ? x : (u == T(1) ? t : log_(u) * t / (u - T(1)));
-}
-
-template <typename T> struct Scan {
-    const T *u, *delta, *delta_bias, *A, *B, *C, *D, *z, *h0;   // z may be null
-    bool softplus;                                    // delta = softplus(delta + delta_bias), else delta + delta_bias
-    T *out, *last, *saved;                            // saved is null when no backward follows
-    const T *grad_out, *grad_last;                    // grad_last may be null
-    T *grad_u, *grad_delta, *grad_z, *grad_h0;
-    T* sums;                                          // per thread: grad_A (n, d), grad_D (d), grad_delta_bias (d),
-    int64_t b, l, d, n;                               // grad_B, grad_C (b, l, n); the caller adds them up
-};
-
-// delta for one step of a block: the raw delta plus its bias, through softplus ([Mamba] Section 3.6, as the
-// reference's delta_softplus), here rather than in a pass of its own over (b, l, d).
-template <typename T> static inline void step_delta(const Scan<T>& s, int64_t row, int64_t c0, T* delta) {
-    for (int c = 0; c < W; ++c) delta[c] = s.delta[row + c] + s.delta_bias[c0 + c];
-    if (s.softplus)
-        for (int c = 0; c < W; ++c) delta[c] = softplus_(delta[c]);
-}
-
-// One time step of a block: for each state dimension k, h_k = exp(delta A_k) h_k + delta B_k u (Eq. 2a with the
-// ZOH of Eq. 4) and y += C_k h_k (Eq. 2b). dA receives exp(delta A) (n x W) for the backward.
-template <typename T> static inline void ssm_step(const T* __restrict delta, const T* __restrict u,
-                                                  const T* __restrict A, const T* __restrict B,
-                                                  const T* __restrict C, int64_t n, const T* h_in, T* h,
-                                                  T* __restrict y, T* __restrict dA) {
-    T du[W];
-    for (int c = 0; c < W; ++c) { du[c] = delta[c] * u[c]; y[c] = T(0); }
-    for (int64_t k = 0; k < n; ++k) {
-#pragma omp simd
-        for (int c = 0; c < W; ++c) {
-            dA[k * W + c] = exp_(delta[c] * A[k * W + c]);
-            h[k * W + c] = dA[k * W + c] * h_in[k * W + c] + du[c] * B[k];
-            y[c] += C[k] * h[k * W + c];
-        }
-    }
-}
-
-template <typename T> struct Block {                  // one thread's scratch space
-    std::vector<T> A, delta, dA, h, y, g, grad_A;
-    Block(int64_t n, int64_t steps) : A(n * W), delta(steps * W), dA(steps * n * W), h((steps + 1) * n * W),
-                                      y(steps * W), g(n * W), grad_A(n * W) {}
-};
-
-template <typename T> static void forward_block(const Scan<T>& s, int64_t bi, int64_t c0, Block<T>& m) {
-    const int64_t l = s.l, d = s.d, n = s.n, chunks = (l + CHUNK - 1) / CHUNK;
-    for (int64_t k = 0; k < n; ++k) {
-        std::memcpy(&m.A[k * W], s.A + k * d + c0, W * sizeof(T));
-        for (int c = 0; c < W; ++c) m.h[k * W + c] = s.h0[(bi * d + c0 + c) * n + k];
-    }
-    T y[W], delta[W];
-    for (int64_t t = 0; t < l; ++t) {
-        if (s.saved && t % CHUNK == 0)                  // where the backward will restart this chunk from
-            for (int64_t k = 0; k < n; ++k)
-                std::memcpy(s.saved + ((bi * chunks + t / CHUNK) * n + k) * d + c0, &m.h[k * W], W * sizeof(T));
-        const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n;
-        step_delta(s, row, c0, delta);
-        ssm_step(delta, s.u + row, m.A.data(), s.B + bc, s.C + bc, n, m.h.data(), m.h.data(), y, m.dA.data());
-        // The skip connection D u and the gate silu(z) of Figure 3, on y while it is in registers.
-        T* __restrict out = s.out + row;
-        for (int c = 0; c < W; ++c) out[c] = y[c] + s.D[c0 + c] * s.u[row + c];
-        if (s.z)
-            for (int c = 0; c < W; ++c) out[c] *= s.z[row + c] / (T(1) + exp_(-s.z[row + c]));
-    }
-    if (s.last)
-        for (int64_t k = 0; k < n; ++k)
-            for (int c = 0; c < W; ++c) s.last[(bi * d + c0 + c) * n + k] = m.h[k * W + c];
-}
-
-// Backpropagation through the recurrence is the same recurrence backwards in time: g = dL/dh_t gathers C_t dL/dy_t
-// and flows on to h_{t-1} through exp(delta_t A). The states are not stored in forward: each chunk of time is first
-// rerun forward from the state saved at its start (h[0..CHUNK], dA kept), then walked backwards.
-template <typename T> static void backward_block(const Scan<T>& s, int tid, int64_t bi, int64_t c0, Block<T>& m) {
-    const int64_t l = s.l, d = s.d, n = s.n, chunks = (l + CHUNK - 1) / CHUNK;
-    T *grad_A_sum = s.sums + tid * (n * d + 2 * d + 2 * s.b * l * n), *grad_D_sum = grad_A_sum + n * d;
-    T *grad_bias_sum = grad_D_sum + d, *grad_B = grad_bias_sum + d, *grad_C = grad_B + s.b * l * n;
-    T grad_D[W] = {}, grad_bias[W] = {};
-    for (int64_t k = 0; k < n; ++k) {
-        std::memcpy(&m.A[k * W], s.A + k * d + c0, W * sizeof(T));
-        for (int c = 0; c < W; ++c) {
-            m.g[k * W + c] = s.grad_last ? s.grad_last[(bi * d + c0 + c) * n + k] : T(0);
-            m.grad_A[k * W + c] = T(0);
-        }
-    }
-    for (int64_t j = chunks - 1; j >= 0; --j) {
-        const int64_t t0 = j * CHUNK, t1 = std::min(l, t0 + CHUNK);
-        for (int64_t k = 0; k < n; ++k)                 // h[i]: the state before step t0 + i
-            std::memcpy(&m.h[k * W], s.saved + ((bi * chunks + j) * n + k) * d + c0, W * sizeof(T));
-        for (int64_t t = t0; t < t1; ++t) {
-            const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n, i = t - t0;
-            step_delta(s, row, c0, &m.delta[i * W]);
-            ssm_step(&m.delta[i * W], s.u + row, m.A.data(), s.B + bc, s.C + bc, n, &m.h[i * n * W],
-                     &m.h[(i + 1) * n * W], &m.y[i * W], &m.dA[i * n * W]);
-        }
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-            const int64_t row = (bi * l + t) * d + c0, bc = (bi * l + t) * n, i = t - t0;
-            const T *u = s.u + row, *delta = &m.delta[i * W], *D = s.D + c0;
-            T grad_y[W], grad_u[W], grad_delta[W], du[W];
-            for (int c = 0; c < W; ++c) {
-                grad_y[c] = s.grad_out[row + c];
-                du[c] = delta[c] * u[c];
-                grad_delta[c] = T(0);
-            }
-            if (s.z) {                                   // through the gate: out = (y + D u) silu(z)
-                const T* __restrict z = s.z + row;
-#pragma omp simd
-                for (int c = 0; c < W; ++c) {
-                    const T sigmoid = T(1) / (T(1) + exp_(-z[c]));
-                    s.grad_z[row + c] = grad_y[c] * (m.y[i * W + c] + D[c] * u[c]) * sigmoid *
-                                        (T(1) + z[c] * (T(1) - sigmoid));
-                    grad_y[c] *= z[c] * sigmoid;
-                }
-            }
-            for (int c = 0; c < W; ++c) {
-                grad_D[c] += grad_y[c] * u[c];
-                grad_u[c] = grad_y[c] * D[c];
-            }
-            const T *B = s.B + bc, *C = s.C + bc;
-            for (int64_t k = 0; k < n; ++k) {
-                T* __restrict g = &m.g[k * W];
-                const T *h = &m.h[(i + 1) * n * W + k * W], *h_prev = &m.h[i * n * W + k * W];
-                const T *dA = &m.dA[i * n * W + k * W], *A = &m.A[k * W];
-                T* __restrict grad_A = &m.grad_A[k * W];
-                T sum_B = T(0), sum_C = T(0);
-#pragma omp simd reduction(+ : sum_B, sum_C)
-                for (int c = 0; c < W; ++c) {
-                    sum_C += grad_y[c] * h[c];               // dL/dC_t: summed over the channels
-                    g[c] += C[k] * grad_y[c];                // now g = dL/dh_t
-                    const T grad_dA = g[c] * h_prev[c] * dA[c];   // dL/d(delta A)
-                    grad_delta[c] += grad_dA * A[c] + g[c] * B[k] * u[c];
-                    grad_u[c] += g[c] * B[k] * delta[c];
-                    grad_A[c] += grad_dA * delta[c];
-                    sum_B += g[c] * du[c];                   // dL/dB_t
-                    g[c] *= dA[c];                           // on to dL/dh_{t-1}
-                }
-                grad_B[bc + k] += sum_B;
-                grad_C[bc + k] += sum_C;
-            }
-            if (s.softplus)                              // d softplus(x) / dx = sigmoid(x)
-                for (int c = 0; c < W; ++c)
-                    grad_delta[c] /= T(1) + exp_(-(s.delta[row + c] + s.delta_bias[c0 + c]));
-            for (int c = 0; c < W; ++c) grad_bias[c] += grad_delta[c];
-            std::memcpy(s.grad_u + row, grad_u, W * sizeof(T));
-            std::memcpy(s.grad_delta + row, grad_delta, W * sizeof(T));
-        }
-    }
-    for (int64_t k = 0; k < n; ++k)
-        for (int c = 0; c < W; ++c) {
-            s.grad_h0[(bi * d + c0 + c) * n + k] = m.g[k * W + c];
-            grad_A_sum[k * d + c0 + c] += m.grad_A[k * W + c];
-        }
-    for (int c = 0; c < W; ++c) {
-        grad_D_sum[c0 + c] += grad_D[c];
-        grad_bias_sum[c0 + c] += grad_bias[c];
-    }
-}
-
-// The causal depthwise convolution of width k and its SiLU, in front of the SSM (Figure 3): for each channel,
-// out_t = silu(bias + sum_j w_j x_{t-k+1+j}), with x = 0 before the first step. x, out, grad_x (b, l, d); w (k, d).
-template <typename T> struct Conv {
-    const T *x, *w, *bias;
-    T* out;
-    const T* grad_out;
-    T *grad_x, *grad_w, *grad_bias;                   // the last two per thread: (threads, k, d), (threads, d)
-    int64_t b, l, d, k;
-};
-
-// pre = bias + sum_j w_j x_{t-k+1+j} for the W channels of a block; x points at its sequence's first row.
-template <typename T> static inline void conv_at(const Conv<T>& s, const T* x, int64_t c0, int64_t t, T* pre) {
-    for (int c = 0; c < W; ++c) pre[c] = s.bias[c0 + c];
-    for (int64_t j = std::max<int64_t>(0, s.k - 1 - t); j < s.k; ++j) {
-        const T *x_j = x + (t - s.k + 1 + j) * s.d, *w = s.w + j * s.d + c0;
-        for (int c = 0; c < W; ++c) pre[c] += w[c] * x_j[c];
-    }
-}
-
-template <typename T> static void conv_forward_block(const Conv<T>& s, int64_t bi, int64_t c0) {
-    const T* x = s.x + bi * s.l * s.d + c0;
-    T pre[W];
-    for (int64_t t = 0; t < s.l; ++t) {
-        conv_at(s, x, c0, t, pre);
-        T* __restrict out = s.out + (bi * s.l + t) * s.d + c0;
-        for (int c = 0; c < W; ++c) out[c] = pre[c] / (T(1) + exp_(-pre[c]));
-    }
-}
-
-// Backward: dL/dpre through the SiLU at every step first (into grad_pre, l x W), then each input gathers it from
-// the k outputs it feeds.
-template <typename T> static void conv_backward_block(const Conv<T>& s, int tid, int64_t bi, int64_t c0,
-                                                      std::vector<T>& grad_pre) {
-    const int64_t l = s.l, d = s.d, k = s.k;
-    const T* x = s.x + bi * l * d + c0;
-    T* grad_w = s.grad_w + tid * k * d + c0;
-    T pre[W];
-    for (int64_t t = 0; t < l; ++t) {
-        conv_at(s, x, c0, t, pre);
-        const T* grad_out = s.grad_out + (bi * l + t) * d + c0;
-        T* __restrict g = &grad_pre[t * W];
-        for (int c = 0; c < W; ++c) {
-            const T sigmoid = T(1) / (T(1) + exp_(-pre[c]));
-            g[c] = grad_out[c] * sigmoid * (T(1) + pre[c] * (T(1) - sigmoid));
-            s.grad_bias[tid * d + c0 + c] += g[c];
-        }
-        for (int64_t j = std::max<int64_t>(0, k - 1 - t); j < k; ++j)
-            for (int c = 0; c < W; ++c) grad_w[j * d + c] += g[c] * x[(t - k + 1 + j) * d + c];
-    }
-    for (int64_t t = 0; t < l; ++t) {                  // x_t feeds out_{t+k-1-j} through w_j
-        T* __restrict grad_x = s.grad_x + (bi * l + t) * d + c0;
-        for (int c = 0; c < W; ++c) grad_x[c] = T(0);
-        for (int64_t j = std::max<int64_t>(0, t + k - l); j < k; ++j)
-            for (int c = 0; c < W; ++c) grad_x[c] += grad_pre[(t + k - 1 - j) * W + c] * s.w[j * d + c0 + c];
-    }
-}
-
-// The recurrent mode ([Mamba] Section 3.4), one token for each of b sequences: all of MambaBlock.step between
-// in_proj and out_proj in one call (step itself does it in a few dozen small torch operations). Layouts: window,
-// new_window (b, d, k); xz (b, 2d), in_proj's output, x then z; y (b, d); h, new_h (b, d, n); conv_w (d, k);
-// x_proj_w (r + 2n, d); dt_proj_w (d, r); A_log (d, n). The three norm weights are null without the inner norms.
-template <typename T> struct Step {
-    const T *window, *xz, *conv_w, *conv_b, *x_proj_w, *dt_norm_w, *b_norm_w, *c_norm_w, *dt_proj_w, *dt_proj_b,
-        *A_log, *D, *h;
-    T *new_window, *new_h, *y;
-    int64_t b, d, n, r, k;
-    T eps;
-};
-
-template <typename T> static void rms_norm(T* x, int64_t size, const T* weight, T eps) {
-    T sum = T(0);
-    for (int64_t i = 0; i < size; ++i) sum += x[i] * x[i];
-    const T scale = T(1) / std::sqrt(sum / T(size) + eps);
-    for (int64_t i = 0; i < size; ++i) x[i] *= scale * weight[i];
-}
-
-template <typename T> static void mamba_step(const Step<T>& s) {
-    const int64_t d = s.d, n = s.n, r = s.r, k = s.k;
-    std::vector<T> u(d), dt_B_C(r + 2 * n);
-    for (int64_t bi = 0; bi < s.b; ++bi) {
-        for (int64_t c = 0; c < d; ++c) {              // the conv window slides by one; u = silu(conv)
-            const T *old = s.window + (bi * d + c) * k, *w = s.conv_w + c * k;
-            T* now = s.new_window + (bi * d + c) * k;
-            T pre = s.conv_b[c] + w[k - 1] * s.xz[bi * 2 * d + c];
-            for (int64_t j = 0; j < k - 1; ++j) {
-                now[j] = old[j + 1];
-                pre += w[j] * now[j];
-            }
-            now[k - 1] = s.xz[bi * 2 * d + c];
-            u[c] = pre / (T(1) + exp_(-pre));
-        }
-        for (int64_t j = 0; j < r + 2 * n; ++j) {      // x_proj: dt, B and C (Algorithm 2, lines 3-5)
-            const T* w = s.x_proj_w + j * d;
-            T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = 0; c < d; ++c) sum += w[c] * u[c];
-            dt_B_C[j] = sum;
-        }
-        const T *dt = dt_B_C.data(), *B = dt + r, *C = B + n;
-        if (s.dt_norm_w) {                               // Jamba's RMSNorms on dt, B and C
-            rms_norm(dt_B_C.data(), r, s.dt_norm_w, s.eps);
-            rms_norm(dt_B_C.data() + r, n, s.b_norm_w, s.eps);
-            rms_norm(dt_B_C.data() + r + n, n, s.c_norm_w, s.eps);
-        }
-        for (int64_t c = 0; c < d; ++c) {
-            T delta = s.dt_proj_b[c];                    // delta = softplus(dt_proj(dt)), line 6
-            for (int64_t j = 0; j < r; ++j) delta += s.dt_proj_w[c * r + j] * dt[j];
-            delta = delta > T(20) ? delta : std::log1p(std::exp(delta));   // linear past 20, as torch's softplus
-            const T du = delta * u[c], *A_log = s.A_log + c * n, *h = s.h + (bi * d + c) * n;
-            T* __restrict h_new = s.new_h + (bi * d + c) * n;
-            T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < n; ++i) {            // h = exp(delta A) h + delta B u; y = C . h (Eq. 2, 4)
-                h_new[i] = exp_(-delta * exp_(A_log[i])) * h[i] + du * B[i];
-                sum += C[i] * h_new[i];
-            }
-            const T z = s.xz[bi * 2 * d + d + c];
-            s.y[bi * d + c] = (sum + s.D[c] * u[c]) * z / (T(1) + exp_(-z));   // + D u, then the gate
-        }
-    }
-}
-
-// Work items (one block of LANES channels of one sequence each) in contiguous runs, one run per thread. With
-// OpenMP the threads are torch's own: the process has loaded torch's OpenMP runtime, which this library then shares,
-// so the two never compete for the cores. f(thread, first item, end) sets up its scratch space once per thread.
-template <typename F> static void in_parallel(int64_t items, int threads, F f) {
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-        const int tid = 0, team = 1;
-#endif
-        f(tid, items * tid / team, items * (tid + 1) / team);
-    }
-}
-
-#define EXPORT(T, suffix)                                                                                         \
-    extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,          \
-                                          const T* A, const T* B, const T* C, const T* D, const T* z,             \
-                                          const T* h0, T* out, T* last, T* saved, int64_t b, int64_t l,           \
-                                          int64_t d, int64_t n, int threads) {                                    \
-        const Scan<T> s{u, delta, delta_bias, A, B, C, D, z, h0, softplus != 0, out, last, saved, nullptr,       \
-                        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, b, l, d, n};                      \
-        in_parallel(b * (d / W), threads, [&](int, int64_t begin, int64_t end) {                                 \
-            Block<T> m(n, 1);                                                                                     \
-            for (int64_t i = begin; i < end; ++i) forward_block(s, i / (d / W), i % (d / W) * W, m);              \
-        });                                                                                                       \
-    }                                                                                                             \
-    extern "C" void scan_backward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,         \
-                                           const T* A, const T* B, const T* C, const T* D, const T* z,            \
-                                           const T* saved, const T* grad_out, const T* grad_last, T* grad_u,      \
-                                           T* grad_delta, T* grad_z, T* grad_h0, T* sums, int64_t b, int64_t l,   \
-                                           int64_t d, int64_t n, int threads) {                                   \
-        const Scan<T> s{u, delta, delta_bias, A, B, C, D, z, nullptr, softplus != 0, nullptr, nullptr,            \
-                        (T*)saved, grad_out, grad_last, grad_u, grad_delta, grad_z, grad_h0, sums, b, l, d, n};   \
-        in_parallel(b * (d / W), threads, [&](int tid, int64_t begin, int64_t end) {                             \
-            Block<T> m(n, CHUNK);                                                                                 \
-            for (int64_t i = begin; i < end; ++i) backward_block(s, tid, i / (d / W), i % (d / W) * W, m);        \
-        });                                                                                                       \
-    }                                                                                                             \
-    extern "C" void mamba_step_##suffix(const T* window, const T* xz, const T* conv_w,                          \
-                                        const T* conv_b, const T* x_proj_w, const T* dt_norm_w,                   \
-                                        const T* b_norm_w, const T* c_norm_w, const T* dt_proj_w,                 \
-                                        const T* dt_proj_b, const T* A_log, const T* D, const T* h,               \
-                                        T* new_window, T* new_h, T* y, int64_t b, int64_t d, int64_t n,           \
-                                        int64_t r, int64_t k, double eps) {                                       \
-        mamba_step(Step<T>{window, xz, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,       \
-                           dt_proj_b, A_log, D, h, new_window, new_h, y, b, d, n, r, k, T(eps)});                 \
-    }                                                                                                             \
-    extern "C" void conv_forward_##suffix(const T* x, const T* w, const T* bias, T* out, int64_t b, int64_t l,    \
-                                          int64_t d, int64_t k, int threads) {                                    \
-        const Conv<T> s{x, w, bias, out, nullptr, nullptr, nullptr, nullptr, b, l, d, k};                         \
-        in_parallel(b * (d / W), threads, [&](int, int64_t begin, int64_t end) {                                 \
-            for (int64_t i = begin; i < end; ++i) conv_forward_block(s, i / (d / W), i % (d / W) * W);            \
-        });                                                                                                       \
-    }                                                                                                             \
-    extern "C" void conv_backward_##suffix(const T* x, const T* w, const T* bias, const T* grad_out, T* grad_x,   \
-                                           T* grad_w, T* grad_bias, int64_t b, int64_t l, int64_t d, int64_t k,   \
-                                           int threads) {                                                         \
-        const Conv<T> s{x, w, bias, nullptr, grad_out, grad_x, grad_w, grad_bias, b, l, d, k};                    \
-        in_parallel(b * (d / W), threads, [&](int tid, int64_t begin, int64_t end) {                             \
-            std::vector<T> grad_pre(l * W);                                                                       \
-            for (int64_t i = begin; i < end; ++i) conv_backward_block(s, tid, i / (d / W), i % (d / W) * W, grad_pre); \
-        });                                                                                                       \
-    }
-EXPORT(float, f32)
-EXPORT(double, f64)
-"""
+_FUSED = None        # kernels/fused.py once loaded, or why it cannot be had (a str)
 
 
-@functools.cache
-def _fused_library():
-    """The fused kernel as a ctypes library, compiled once per machine and kept in ~/.cache/jamba; or, where it
-    cannot be had, why not (a str), which is also printed once."""
-    wanted = os.environ.get("CXX")
-    compiler = shutil.which(wanted) if wanted else next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))),
-                                                         None)
-    if compiler is None:
-        reason = f"the compiler CXX={wanted!r} was not found" if wanted else "no C++ compiler found (g++ or clang++)"
-    else:
-        reason = _build_fused_library(compiler)
-    if isinstance(reason, Path):
-        library = ctypes.CDLL(str(reason))
-        for name in ("scan_forward", "scan_backward", "conv_forward", "conv_backward", "mamba_step"):
-            for suffix in _FUSED_TYPES.values():
-                getattr(library, f"{name}_{suffix}").restype = None
-        return library
-    print(f"JAMBA: the fused selective scan is not available: {reason}; scan='auto' uses the parallel scan",
-          file=sys.stderr, flush=True)
-    return reason
-
-
-def _build_fused_library(compiler):
-    """Compile _FUSED_SOURCE with compiler into the cache (atomically: a second process reuses or redoes it whole);
-    its path, or why it failed (a str)."""
-    flags = ["-O3", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
-             f"-DLANES={_FUSED_LANES}", f"-DCHUNK={_FUSED_CHUNK}"]
-    cpu = platform.machine() + platform.processor()
-    if Path("/proc/cpuinfo").is_file():                  # -march=native builds for this CPU's instruction set
-        cpu += "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith(("model name", "flags")))[:4096]
-    key = hashlib.sha256("\n".join([_FUSED_SOURCE, compiler, *flags, cpu]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jamba"
-    path = cache / f"selective_scan_{key}.so"
-    if path.is_file():
-        return path
-    print(f"JAMBA: compiling the fused selective scan, once (about 2 s, with {compiler}; kept in {cache})",
-          file=sys.stderr, flush=True)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            source, built = Path(tmp) / "selective_scan.cpp", Path(tmp) / "selective_scan.so"
-            source.write_text(_FUSED_SOURCE)
-            # OpenMP for the threads and this CPU's vector instructions; failing that, one thread, then neither.
-            for extra in (["-fopenmp", "-march=native"], ["-march=native"], []):
-                result = subprocess.run([compiler, *flags, *extra, str(source), "-o", str(built)],
-                                        capture_output=True, text=True)
-                if result.returncode == 0:
-                    os.replace(built, path)
-                    return path
-    except OSError as err:
-        return f"it cannot be built in {cache} ({err})"
-    error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
-    return f"{compiler} could not compile it ({error})"
-
-
-def _pointer(tensor):
-    return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
-
-
-class _FusedSelectiveScan(torch.autograd.Function):
-    """out = (C . h + D u) * silu(z) and h_l, by the fused kernel (_FUSED_SOURCE), forward and backward. Inputs in
-    the compute dtype: u, delta (before its bias) and z (b, d, l), z possibly None; delta_bias and D (d,) and h0
-    (b, d, n), zeros for none; softplus a bool. The kernel wants channels contiguous and d in whole blocks: (b, d, l)
-    views of (b, l, d) tensors, as the Mamba block's are, cost no copy."""
-
-    @staticmethod
-    def forward(ctx, u, delta, delta_bias, softplus, A, B, C, D, z, h0):
-        ctx.set_materialize_grads(False)                                # an unused output's gradient stays None
-        b, d, l = u.shape
-        n = A.shape[1]
-        pad = -d % _FUSED_LANES                                          # channels of zeros up to whole blocks
-        u, delta, z = (None if x is None else _channels_last(x, pad) for x in (u, delta, z))   # (b, l, d + pad)
-        A = _pad_channels(A, pad, 0).t().contiguous()                   # (n, d + pad)
-        delta_bias, D, h0 = _pad_channels(delta_bias, pad, 0), _pad_channels(D, pad, 0), _pad_channels(h0, pad, 1)
-        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()           # (b, l, n)
-        out, last_state = torch.empty_like(u), torch.empty_like(h0)     # (b, l, d + pad), (b, d + pad, n)
-        saved = u.new_empty(b, -(-l // _FUSED_CHUNK), n, d + pad) if any(ctx.needs_input_grad) else None
-        getattr(_fused_library(), "scan_forward_" + _FUSED_TYPES[u.dtype])(
-            _pointer(u), _pointer(delta), _pointer(delta_bias), ctypes.c_int(softplus),
-            *map(_pointer, (A, B, C, D, z, h0, out, last_state, saved)), *map(ctypes.c_int64, (b, l, d + pad, n)),
-            ctypes.c_int(_fused_threads(b, l, d + pad, n)))
-        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, saved)
-        ctx.d, ctx.softplus = d, softplus
-        return out[..., :d].transpose(1, 2), last_state[:, :d]          # (b, d, l), (b, d, n)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_last_state):
-        u, delta, delta_bias, A, B, C, D, z, saved = ctx.saved_tensors
-        (b, l, padded), n, d = u.shape, A.shape[0], ctx.d
-        threads = _fused_threads(b, l, padded, n)
-        grad_out = torch.zeros_like(u) if grad_out is None else _channels_last(grad_out, padded - d)  # (b, l, d + pad)
-        if grad_last_state is not None:
-            grad_last_state = _pad_channels(grad_last_state, padded - d, 1)                      # (b, d + pad, n)
-        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(u)    # (b, l, d + pad)
-        grad_z = None if z is None else torch.empty_like(u)
-        grad_h0 = u.new_empty(b, padded, n)                             # (b, d + pad, n)
-        # Sums over sequences (A, D, delta_bias) and over channels (B, C) are gathered per thread, added here.
-        sizes = [n * padded, padded, padded, b * l * n, b * l * n]
-        sums = u.new_zeros(threads, sum(sizes))
-        getattr(_fused_library(), "scan_backward_" + _FUSED_TYPES[u.dtype])(
-            _pointer(u), _pointer(delta), _pointer(delta_bias), ctypes.c_int(ctx.softplus),
-            *map(_pointer, (A, B, C, D, z, saved, grad_out, grad_last_state, grad_u, grad_delta, grad_z, grad_h0,
-                            sums)), *map(ctypes.c_int64, (b, l, padded, n)), ctypes.c_int(threads))
-        grad_A, grad_D, grad_delta_bias, grad_B, grad_C = sums.sum(0).split(sizes)
-        return (grad_u[..., :d].transpose(1, 2), grad_delta[..., :d].transpose(1, 2), grad_delta_bias[:d], None,
-                grad_A.view(n, padded)[:, :d].t(), grad_B.view(b, l, n).transpose(1, 2),
-                grad_C.view(b, l, n).transpose(1, 2), grad_D[:d],
-                None if z is None else grad_z[..., :d].transpose(1, 2), grad_h0[:, :d])
-
-
-class _FusedCausalConv(torch.autograd.Function):
-    """silu(causal depthwise conv1d(x)) of the Mamba block by the fused library, in the channels-last layout the
-    scan reads: x (b, l, d) -> (b, l, d); weight (d, k) and bias (d,) of its nn.Conv1d."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        b, l, d = x.shape
-        k = weight.shape[1]
-        pad = -d % _FUSED_LANES
-        x = _channels_last(x.transpose(1, 2), pad)                    # (b, l, d + pad)
-        weight, bias = _pad_channels(weight, pad, 0).t().contiguous(), _pad_channels(bias, pad, 0)   # (k, d), (d,)
-        out = torch.empty_like(x)                                      # (b, l, d + pad)
-        getattr(_fused_library(), "conv_forward_" + _FUSED_TYPES[x.dtype])(
-            *map(_pointer, (x, weight, bias, out)), *map(ctypes.c_int64, (b, l, d + pad, k)),
-            ctypes.c_int(_fused_threads(b, l, d + pad, k)))
-        ctx.save_for_backward(x, weight, bias)
-        ctx.d = d
-        return out[..., :d]
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
-        (b, l, padded), k, d = x.shape, weight.shape[0], ctx.d
-        threads = _fused_threads(b, l, padded, k)
-        grad_out = _channels_last(grad_out.transpose(1, 2), padded - d)    # (b, l, d + pad)
-        grad_x = torch.empty_like(x)
-        grad_weight, grad_bias = x.new_zeros(threads, k, padded), x.new_zeros(threads, padded)   # per thread
-        getattr(_fused_library(), "conv_backward_" + _FUSED_TYPES[x.dtype])(
-            *map(_pointer, (x, weight, bias, grad_out, grad_x, grad_weight, grad_bias)),
-            *map(ctypes.c_int64, (b, l, padded, k)), ctypes.c_int(threads))
-        return grad_x[..., :d], grad_weight.sum(0)[:, :d].t(), grad_bias.sum(0)[:d]
-
-
-def _pad_channels(x, pad, dim):
-    """x, contiguous, with pad channels of zeros after its own along dim."""
-    if pad:
-        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim)
-    return x.contiguous()
-
-
-def _channels_last(x, pad):
-    """(b, d, l) -> (b, l, d + pad), contiguous, the pad channels 0: no copy for a view of a (b, l, d) tensor."""
-    return _pad_channels(x.transpose(1, 2), pad, 2)
-
-
-def _fused_threads(b, l, d, n):
-    """Threads for the kernel: torch's number, but no more than there are blocks, nor one per under 64k updates."""
-    return max(1, min(torch.get_num_threads(), b * d // _FUSED_LANES, b * l * d * n // 2 ** 16))
+def _fused_kernels():
+    """The fused kernels: kernels/fused.py beside this file, which compiles kernels/selective_scan.cpp on first use
+    and registers its torch ops; loaded once. Where they cannot be had, why not (a str), printed once."""
+    global _FUSED
+    if _FUSED is None:
+        path = Path(__file__).resolve().with_name("kernels") / "fused.py"
+        module = sys.modules.get("jamba_fused_kernels")               # its torch ops can be registered only once
+        if module is None and path.is_file():
+            spec = importlib.util.spec_from_file_location("jamba_fused_kernels", path)
+            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        _FUSED = (module.load() or module) if module else "kernels/fused.py is not beside JAMBA.py"
+        if isinstance(_FUSED, str):
+            print(f"JAMBA: the fused selective scan is not available: {_FUSED}; scan='auto' uses the parallel scan",
+                  file=sys.stderr, flush=True)
+    return _FUSED
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, initial_state=None):
     """The selective scan as a fused CPU kernel; same signature and results as selective_scan_sequential.
 
-    [Mamba] Section 3.3.2 (the hardware-aware algorithm) observes that the scan is bound by memory traffic, not
-    arithmetic: materialising A-bar, B-bar u and the states in (b, d, l, n) costs n times the memory traffic of the
-    inputs. The fused kernel (_FUSED_SOURCE) does what the official CUDA kernel does in SRAM, with the CPU's L1
-    cache: each block of channels walks time in order with its state in cache, discretises, updates the state,
-    contracts with C and applies D and the gate in the same loop, so each input is read and each output written
-    once. Its backward recomputes the states chunk by chunk from a state saved every 32 steps, then runs the adjoint
-    recurrence backwards. CPU tensors only; the kernel is built for float32 and float64 (see _compute_dtype). A C++
-    compiler builds it the first time, in seconds (cached); without one, scan="auto" uses the parallel scan.
-    """
+    [Mamba] Section 3.3.2: the scan is bound by memory traffic, and materialising A-bar, B-bar u and the states in
+    (b, d, l, n) costs n times the inputs' traffic. kernels/selective_scan.cpp does what the official CUDA kernel
+    does in SRAM, with the CPU's L1 cache: each block of channels walks time with its state in cache, all of
+    Algorithm 2 in one loop (its header explains how); a torch op, so torch.compile traces through it. CPU tensors
+    only, computed in the _compute_dtype; a C++ compiler builds it once, in seconds."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    library = _fused_library()
-    if isinstance(library, str):
-        raise RuntimeError(f"the fused selective scan is not available here: {library}")
-    devices = {x.device.type for x in (u, delta, A, B, C, D, z, delta_bias, initial_state) if x is not None}
-    if devices != {"cpu"}:
-        raise ValueError(f"the fused selective scan runs on CPU tensors, got tensors on {sorted(devices)}: use "
-                         "selective_scan_parallel (scan='parallel' or 'auto') there")
-    dtype_in, compute = u.dtype, _compute_dtype(u.dtype)
-    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
-    delta_bias, D = (u.new_zeros(u.shape[1]) if x is None else x.to(compute) for x in (delta_bias, D))
-    h0 = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(compute)
-    out, last_state = _FusedSelectiveScan.apply(u, delta, delta_bias, bool(delta_softplus), A, B, C, D,
-                                                None if z is None else z.to(compute), h0)
-    return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
+    kernels = _fused_kernels()
+    if isinstance(kernels, str):
+        raise RuntimeError(f"the fused selective scan is not available here: {kernels}")
+    out, last_state = kernels.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return (out, last_state) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -896,9 +307,9 @@ _SCANS = {"fused": selective_scan_fused, "parallel": selective_scan_parallel, "s
 def _scan_function(scan, device):
     """The scan that `scan` names; "auto" is the fused kernel on the CPU where it can be had, else the parallel scan."""
     if scan == "auto":
-        scan = "fused" if device.type == "cpu" and not isinstance(_fused_library(), str) else "parallel"
-    elif scan == "fused" and isinstance(_fused_library(), str):
-        raise RuntimeError(f"the fused selective scan is not available here: {_fused_library()}")
+        scan = "fused" if device.type == "cpu" and not isinstance(_fused_kernels(), str) else "parallel"
+    elif scan == "fused" and isinstance(_fused_kernels(), str):
+        raise RuntimeError(f"the fused selective scan is not available here: {_fused_kernels()}")
     return _SCANS[scan]
 
 
@@ -922,10 +333,8 @@ class MambaBlock(nn.Module):
       D        (d,) = 1, the skip connection
       out_proj (no bias)  d -> m
     inner_layernorms: [Jamba] Section 6.4 found that Mamba layers at scale need RMSNorms on the x_proj split (dt, B
-    and C) before it is used; they are named dt_layernorm, b_layernorm, c_layernorm as in the public Jamba code,
-    with epsilon norm_eps. scan: "fused" (selective_scan_fused), "parallel" (selective_scan_parallel),
-    "sequential" (the readable loop), or "auto": fused on the CPU where a compiler is found, parallel elsewhere.
-    """
+    and C): dt_layernorm, b_layernorm, c_layernorm as in the public Jamba code, with epsilon norm_eps. scan: "fused",
+    "parallel", "sequential" (selective_scan_*) or "auto": fused on the CPU where it can be built, else parallel."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", inner_layernorms=False,
                  norm_eps=1e-6, scan="auto"):
@@ -935,6 +344,8 @@ class MambaBlock(nn.Module):
         d_inner = expand * d_model
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
         self.inner_layernorms, self.scan = inner_layernorms, scan
+        if scan in ("auto", "fused"):
+            _fused_kernels()                             # built or found now, not first inside a torch.compile trace
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
@@ -955,8 +366,7 @@ class MambaBlock(nn.Module):
 
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.A_log._no_weight_decay = True                                      # as the reference marks them
-        self.D._no_weight_decay = True
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True            # as the reference marks them
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     @staticmethod
@@ -982,10 +392,8 @@ class MambaBlock(nn.Module):
         l = x_in.shape[1]
         if history is not None:                          # convolve them too, then drop their outputs
             x_in = torch.cat([history, x_in], dim=1)                            # (b, k - 1 + l, d)
-        if fused:                                        # the fused library's kernel, in the scan's layout
-            compute = _compute_dtype(x_in.dtype)
-            weight, bias = self.conv1d.weight[:, 0].to(compute), self.conv1d.bias.to(compute)   # (d, k), (d,)
-            out = _FusedCausalConv.apply(x_in.to(compute), weight, bias).to(x_in.dtype)   # (b, ., d)
+        if fused:                                        # the fused kernel, in the scan's layout
+            out = _fused_kernels().causal_conv(x_in, self.conv1d.weight[:, 0], self.conv1d.bias)   # (b, ., d)
         else:
             out = F.silu(self.conv1d(x_in.transpose(1, 2))[..., :x_in.shape[1]]).transpose(1, 2)   # drop the tail
         return out[:, -l:]                                                      # (b, l, d)
@@ -1026,8 +434,11 @@ class MambaBlock(nn.Module):
         conv_state, ssm_state = state
         xz = self.in_proj(x)                                                    # (b, 2d)
         if (_scan_function(self.scan, x.device) is selective_scan_fused and not torch.is_grad_enabled()
-                and x.dtype == ssm_state.dtype == conv_state.dtype and x.dtype in _FUSED_TYPES):
-            return self._fused_step(xz, conv_state.contiguous(), ssm_state.contiguous())
+                and x.dtype == ssm_state.dtype == conv_state.dtype):    # float32 or float64 weights: no casts
+            # One call of the fused kernels from in_proj's output to out_proj's input: the arithmetic below, a few
+            # dozen small torch operations fewer per token (inference only: no gradient flows through it).
+            y, conv_state, ssm_state = _fused_kernels().mamba_step(self, xz, conv_state, ssm_state)   # (b, d)
+            return self.out_proj(y), (conv_state, ssm_state)
         x_in, z = xz.chunk(2, dim=-1)                                           # (b, d) each
         conv_state = torch.cat([conv_state[:, :, 1:], x_in.unsqueeze(-1)], dim=-1)   # (b, d, k)  slide the window
         x_conv = F.silu(torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0]) + self.conv1d.bias)  # (b, d)
@@ -1040,22 +451,6 @@ class MambaBlock(nn.Module):
         y = torch.einsum("bdn,bn->bd", ssm_state, C) + self.D.to(compute) * u      # (b, d)     Eq. (2b)
         y = y * F.silu(z.to(compute))                                           # (b, d)
         return self.out_proj(y.to(x.dtype)), (conv_state, ssm_state)
-
-    def _fused_step(self, xz, conv_state, ssm_state):
-        """step() as one call of the fused library from in_proj's output to out_proj's input: the same arithmetic,
-        a few dozen small torch operations fewer per token (inference only: no gradient flows through it)."""
-        b, d, n = xz.shape[0], self.d_inner, self.d_state
-        norms = ((self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight) if self.inner_layernorms
-                 else (None, None, None))
-        eps = self.dt_layernorm.eps if self.inner_layernorms else 0.0
-        new_conv_state, new_ssm_state = torch.empty_like(conv_state), torch.empty_like(ssm_state)
-        y = xz.new_empty(b, d)                                                  # (b, d)
-        tensors = (conv_state, xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, *norms,
-                   self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, ssm_state, new_conv_state,
-                   new_ssm_state, y)
-        getattr(_fused_library(), "mamba_step_" + _FUSED_TYPES[xz.dtype])(
-            *map(_pointer, tensors), *map(ctypes.c_int64, (b, d, n, self.dt_rank, self.d_conv)), ctypes.c_double(eps))
-        return self.out_proj(y), (new_conv_state, new_ssm_state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1074,10 +469,9 @@ def _rotary(x, positions):
 
 
 class AttentionCache(NamedTuple):
-    """An attention layer's state in generation. keys, values (b, g, s, e): a ring buffer of s slots (room for
-    twice the prompt at first, doubling as it fills, up to max_seq_length), step t in slot t % max_seq_length.
-    positions (b, s): the rotary position of the token in each slot, -1 for a pad or an empty slot. seen: the steps
-    taken in so far, pads included. pads: whether a pad was ever taken in (only then must step mask them)."""
+    """An attention layer's state in generation. keys, values (b, g, s, e): a ring of s slots (room for twice the
+    prompt at first, doubling as it fills, up to max_seq_length), step t in slot t % max_seq_length; positions (b, s),
+    each slot's rotary position (-1: a pad or empty); seen, the steps taken in, pads included; pads, whether any was."""
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
@@ -1098,15 +492,13 @@ class AttentionBlock(nn.Module):
     """Causal self-attention through F.scaled_dot_product_attention, with a key/value cache for generation.
 
     num_key_value_heads: grouped-query attention (Ainslie et al., arXiv 2305.13245), as in [Jamba] Section 2 (32
-    query heads share 8 key/value heads): the nhead query heads are split into num_key_value_heads groups and each
-    group shares one key and one value head, which shrinks the cache by nhead // num_key_value_heads. None means
-    nhead (plain multi-head attention).
+    query heads share 8 key/value heads): each of num_key_value_heads groups of query heads shares one key and one
+    value head, which shrinks the cache by nhead // num_key_value_heads (None: nhead, plain multi-head attention).
     rotary: [Jamba] Section 6.5 found no positional encoding is needed when Mamba layers come first (they carry
     position implicitly); an attention layer with no Mamba layer before it can get rotary embeddings instead.
     In generation (prefill, step) each query attends to the last max_seq_length steps only (a sliding window over
-    the AttentionCache's ring buffer). A mask (b, l) marks pads with 0: they are never attended to and take no
-    rotary position, so a left-padded sequence attends as it would alone.
-    """
+    the AttentionCache's ring buffer). Pads (0 in a mask (b, l)) are never attended to and take no rotary
+    position, so a left-padded sequence attends as it would alone."""
 
     def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False, num_key_value_heads=None):
         super().__init__()
@@ -1250,11 +642,9 @@ class MixtureOfExperts(nn.Module):
 
     The router is a bias-free linear to num_experts logits with a softmax over all experts (in _compute_dtype);
     each token goes to its K most probable experts, whose outputs are weighted by those probabilities as they are,
-    not renormalised to sum to 1 (as the public Jamba code; Mixtral renormalises them). Only the chosen experts run:
-    the (token, expert) pairs are grouped by expert, each expert runs once on its group, and the weighted results
-    are added back at their tokens, so the cost per token grows with K, not with num_experts.
-    After a forward, router_probs (t, E) holds the router's probabilities for load_balancing_loss.
-    """
+    not renormalised to sum to 1 (as the public Jamba code; Mixtral renormalises them). Only the chosen experts run,
+    each once on the tokens grouped to it, so the cost per token grows with K, not with num_experts. After a
+    forward, router_probs (t, E) holds the router's probabilities for load_balancing_loss."""
 
     def __init__(self, d_model, dim_feedforward, num_experts, num_experts_per_tok=2, dropout=0.0):
         super().__init__()
@@ -1422,8 +812,7 @@ class Jamba(nn.Module):
 
     Jamba(config) with a JambaConfig, or Jamba(**settings) with its fields: Jamba(vocab_size=65, d_model=128, ...).
     model.layer_pattern shows the mixers ('M' Mamba, 'A' attention), model.mlp_pattern the MLPs ('D' dense,
-    'E' experts); after a forward, model.aux_loss is the load-balancing term (None without experts).
-    """
+    'E' experts); after a forward, model.aux_loss is the load-balancing term (None without experts)."""
 
     def __init__(self, config=None, **settings):
         super().__init__()
@@ -1468,9 +857,7 @@ class Jamba(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, nn.Linear) and not getattr(module, "_no_reinit", False):
+        if isinstance(module, (nn.Embedding, nn.Linear)) and not getattr(module, "_no_reinit", False):
             nn.init.normal_(module.weight, std=0.02)
 
     def extra_repr(self):
@@ -1583,11 +970,9 @@ class Jamba(nn.Module):
         Parallel prefills over the prompt, in pieces of max_seq_length, return every layer's state; then each new
         token costs one step() per layer: O(1) per token in Mamba layers, O(cache) in attention layers ([Jamba]
         Section 2). temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely.
-        Past max_seq_length nothing crashes: Mamba layers carry their state on and attention layers attend to the
-        most recent max_seq_length tokens only (a sliding window). For prompts of different lengths, left-pad them
-        and pass attention_mask (pad_prompts does both): each sequence then continues as it would alone. Call
-        model.eval() first to turn dropout off.
-        """
+        Past max_seq_length Mamba layers carry their state on and attention layers attend to the most recent
+        max_seq_length tokens only (a sliding window). For prompts of different lengths, left-pad them and pass
+        attention_mask (pad_prompts does both): each continues as it would alone. Call model.eval() first."""
         _check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
@@ -1628,20 +1013,15 @@ class Jamba(nn.Module):
 
         The model gets exactly the checkpoint's plan: its attention period and offset, experts (number, top-K,
         period, offset), query and key/value heads, norms' epsilon, tied or untied head, and no positional encoding
-        ([Jamba] Section 6.5). Experts are read in the per-expert layout of the released files
-        (...feed_forward.experts.{e}.gate_proj.weight) or the stacked one of recent transformers versions
-        (...feed_forward.experts.gate_up_proj). The model is built on the meta device and the checkpoint's tensors
-        become its parameters, so memory holds one copy of the weights, in their stored dtype unless dtype is
-        given (the released weights are bf16). Needs the safetensors package. Returns the model in eval mode.
-        """
+        ([Jamba] Section 6.5). Experts are read in the released files' per-expert layout (experts.{e}.gate_proj)
+        or the stacked one of recent transformers versions (experts.gate_up_proj). Built on the meta device, the
+        model takes the checkpoint's tensors as its parameters: one copy of the weights in memory, in their stored
+        dtype unless dtype is given (bf16 for the released ones). Needs safetensors. Returns the model in eval mode."""
         config, files = _read_hf_config(Path(path))
         load_file = _safetensors().load_file
         with torch.device("meta"):
             model = cls(config)
-        hf_state = {}
-        for file in files:
-            hf_state.update(load_file(file))
-        state = _state_from_hf(hf_state, model)
+        state = _state_from_hf({key: value for file in files for key, value in load_file(file).items()}, model)
         if dtype is not None:
             state = {key: value.to(dtype) for key, value in state.items()}
         # assign=True makes the loaded tensors the parameters (no second copy); it also makes new Parameter
@@ -1658,10 +1038,9 @@ class Jamba(nn.Module):
         """Write the model as a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that
         transformers and from_pretrained read; special_token_ids, e.g. {"eos_token_id": 2}, go into config.json
         (all None by default: generation then stops only at max_new_tokens, as ours does), and files, {name:
-        text}, beside them (a tokenizer's tokenizer.json, for one). The directory is
-        written whole into a temporary one beside it and renamed into place, replacing what was there, so it
-        never holds half a checkpoint. A model the format cannot express raises before anything is written.
-        Needs the safetensors package."""
+        text}, beside them (a tokenizer's tokenizer.json, for one). The directory is written whole into a temporary
+        one beside it and renamed into place, replacing what was there, so it never holds half a checkpoint. A
+        model the format cannot express raises before anything is written. Needs the safetensors package."""
         hf_config = _hf_config(self, special_token_ids)
         save_file = _safetensors().save_file
         state, tensors = self.state_dict(), {}
@@ -1698,8 +1077,7 @@ def pad_prompts(prompts, pad_id=0):
     idx = torch.full((len(prompts), longest), pad_id, dtype=prompts[0].dtype, device=prompts[0].device)
     attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=prompts[0].device)
     for row, prompt in enumerate(prompts):
-        idx[row, longest - len(prompt):] = prompt
-        attention_mask[row, longest - len(prompt):] = 1
+        idx[row, longest - len(prompt):], attention_mask[row, longest - len(prompt):] = prompt, 1
     return idx, attention_mask
 
 
@@ -1712,14 +1090,12 @@ _HF_DEFAULTS = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336,
                     mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False)
 # JambaConfig's fields under their names in config.json (the layer counts come from the attention plan, and the
 # settings every released Jamba shares, silu and the Mamba biases, are only checked).
-_HF_CONFIG_NAMES = dict(vocab_size="vocab_size", d_model="hidden_size", dim_feedforward="intermediate_size",
-                        nhead="num_attention_heads", num_key_value_heads="num_key_value_heads",
+_HF_CONFIG_NAMES = dict(d_model="hidden_size", dim_feedforward="intermediate_size", nhead="num_attention_heads",
                         max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
-                        expand="mamba_expand", dt_rank="mamba_dt_rank", num_experts="num_experts",
-                        num_experts_per_tok="num_experts_per_tok", expert_layer_period="expert_layer_period",
-                        expert_layer_offset="expert_layer_offset", router_aux_loss_coef="router_aux_loss_coef",
-                        attn_layer_period="attn_layer_period", attn_layer_offset="attn_layer_offset",
-                        tie_word_embeddings="tie_word_embeddings", rms_norm_eps="rms_norm_eps")
+                        expand="mamba_expand", dt_rank="mamba_dt_rank", **{name: name for name in (
+                            "vocab_size", "num_key_value_heads", "num_experts", "num_experts_per_tok",
+                            "expert_layer_period", "expert_layer_offset", "router_aux_loss_coef", "attn_layer_period",
+                            "attn_layer_offset", "tie_word_embeddings", "rms_norm_eps")})
 _HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
 
 

@@ -70,6 +70,8 @@ def parse_args(argv):
                    help="bfloat16 or float16 autocast (float16 with a gradient scaler, for GPUs without bfloat16); "
                         "auto = bfloat16 on cuda, float32 elsewhere")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action="store_true", help="train through torch.compile(model) (the fused scan is a "
+                   "torch op it traces): the first steps compile, later ones run faster; off by default")
     model = p.add_argument_group("model: JambaConfig's fields, named as in the Jamba constructor")
     for field in dataclasses.fields(JambaConfig):
         if field.name == "vocab_size":                                  # the corpus decides it
@@ -601,8 +603,10 @@ def train_main(args, device, rank=0, world_size=1):
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     run = prepare_run(args, device, dtype, world_size)
     describe(run, device, dtype, world_size, say)
-    # Several processes: DistributedDataParallel averages the gradients of their shares of every batch.
-    trained = run.model if world_size == 1 else DistributedDataParallel(run.model)
+    # The training forward, compiled if asked (evaluation and sampling run the model as it is); with several
+    # processes DistributedDataParallel averages the gradients of their shares of every batch.
+    trained = torch.compile(run.model) if args.compile else run.model
+    trained = trained if world_size == 1 else DistributedDataParallel(trained)
     interrupted, bar = catch_signals(), progress_bar(run, rank)
     run.started, tokens = time.perf_counter(), 0
     run.model.train()

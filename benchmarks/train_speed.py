@@ -17,6 +17,9 @@ steps, so that a busy moment of a shared machine hits every variant alike.
      are as wide as the active experts (2 x dim_feedforward) and as wide as all 16 together.
   4. Where a layer's time goes, at the default sizes: forward and backward of each block alone (the Mamba block
      with either scan), and of each selective scan alone on the Mamba block's shapes.
+  5. torch.compile: the hybrid and the transformer at the first shape, compiled (train_tiny.py --compile: the
+     forward through torch.compile(model), inductor, the fused scan as a torch op) and eager, in turns in one
+     process; the warm-up steps take the compilation. --smoke compiles with the aot_eager backend, in seconds.
 """
 
 import argparse
@@ -35,17 +38,19 @@ VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=4),
 PARALLEL = {"hybrid, parallel scan": dict(VARIANTS["hybrid"], scan="parallel")}   # table 1 only
 
 
-def step_timer(config, batch, length):
-    """A function that runs one training step of a fresh model, and the model."""
+def step_timer(config, batch, length, compile_backend=None):
+    """A function that runs one training step of a fresh model (its forward compiled with compile_backend if
+    given), and the model."""
     torch.manual_seed(0)
     model = Jamba(**config, max_seq_length=length)
+    forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, config["vocab_size"], (batch, length), generator=generator)
     y = torch.randint(0, config["vocab_size"], (batch, length), generator=generator)
 
     def step():
-        _, loss = model(x, y)
+        _, loss = forward(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -153,6 +158,18 @@ def main():
     block_rows = [[name, f"{1e3 * value:.1f}"] for name, value in seconds.items()]
     for row in block_rows:
         print(" | ".join(row), flush=True)
+    # 5. torch.compile against eager.
+    backend = "aot_eager" if args.smoke else "inductor"
+    compile_variants = {f"{name}, {mode}": ({**tiny, **VARIANTS[name]}, backend if mode == "compiled" else None)
+                        for name in ("hybrid", "transformer") for mode in ("eager", "compiled")}
+    seconds = time_in_turns({name: step_timer(config, batch, length, compiled)[0]
+                             for name, (config, compiled) in compile_variants.items()}, repeats)
+    compile_rows = []
+    for name in compile_variants:
+        eager = seconds[name.replace("compiled", "eager")]
+        compile_rows.append([name, f"{1e3 * seconds[name]:.1f}", f"{batch * length / seconds[name]:,.0f}",
+                             f"{eager / seconds[name]:.2f}x"])
+        print(" | ".join(compile_rows[-1]), flush=True)
     if args.smoke:
         return
 
@@ -175,6 +192,9 @@ def main():
     write_table("train_speed_blocks", f"Forward + backward of one block at batch {batch} x context {length}, "
                 f"d_model {tiny['d_model']}, d_state {tiny['d_state']}, expand {tiny['expand']}, float32, CPU, "
                 f"median of {repeats} in turns", ["block", "ms"], block_rows)
+    write_table("train_speed_compile", f"torch.compile (inductor) against eager: training step at batch {batch} x "
+                f"context {length}, train_tiny.py's sizes, float32, CPU, median of {repeats} steps in turns after "
+                "the compiling warm-up", ["variant", "ms/step", "tokens/s", "speed vs eager"], compile_rows)
     plt = pyplot()
     if plt is None:
         return
