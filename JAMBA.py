@@ -263,8 +263,8 @@ _FUSED = None        # kernels/fused.py once loaded, or why it cannot be had (a 
 
 
 def _fused_kernels():
-    """The fused kernels: kernels/fused.py beside this file, which compiles kernels/selective_scan.cpp on first use
-    and registers its torch ops; loaded once. Where they cannot be had, why not (a str), printed once."""
+    """kernels/fused.py beside this file (it builds kernels/selective_scan.cpp, registers the torch ops), loaded
+    once; or why it cannot be had (a str), printed once."""
     global _FUSED
     if _FUSED is None:
         path = Path(__file__).resolve().with_name("kernels") / "fused.py"
@@ -362,7 +362,7 @@ class MambaBlock(nn.Module):
         dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
-        self.dt_proj._no_reinit = True                                          # Jamba._init_weights keeps it
+        self.dt_proj._no_reinit = True                                          # Jamba's init keeps it
 
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)))
         self.D = nn.Parameter(torch.ones(d_inner))
@@ -404,10 +404,9 @@ class MambaBlock(nn.Module):
 
     def prefill(self, x, state=None, mask=None):
         """The parallel mode over x (b, l, m), from state (conv_state (b, d, k), the conv's last k inputs; ssm_state
-        (b, d, n), h in the _compute_dtype) or from zeros -> (out (b, l, m), the state after x), which step() or
-        another prefill continues from. mask (b, l), 1 for tokens and 0 for pads: pads are zeroed before in_proj and
-        again after the conv (as in transformers' Jamba), so pads before a sequence's first token leave its state
-        exactly as if they were not there."""
+        (b, d, n), h in the _compute_dtype) or zeros -> (out (b, l, m), the state after x, for step() or another
+        prefill). mask (b, l), 1 for tokens, 0 for pads: pads are zeroed before in_proj and after the conv (as in
+        transformers' Jamba), so pads before a sequence's first token leave its state as if they were not there."""
         k = self.d_conv
         scan = _scan_function(self.scan, x.device)
         keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)         # (b, l, 1)
@@ -428,9 +427,8 @@ class MambaBlock(nn.Module):
         return self.out_proj(y.transpose(1, 2)), (conv_state, ssm_state)       # (b, l, m)
 
     def step(self, x, state):
-        """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and
-        state = (conv_state (b, d, k), ssm_state (b, d, n)) -> (out (b, m), new state); O(1) time and memory.
-        The SSM runs in ssm_state's dtype, the _compute_dtype."""
+        """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m), state (conv_state
+        (b, d, k), ssm_state (b, d, n), whose dtype the SSM runs in) -> (out (b, m), new state); O(1) time, memory."""
         conv_state, ssm_state = state
         xz = self.in_proj(x)                                                    # (b, 2d)
         if (_scan_function(self.scan, x.device) is selective_scan_fused and not torch.is_grad_enabled()
@@ -480,9 +478,8 @@ class AttentionCache(NamedTuple):
 
 
 def _attention_mask(query_steps, key_steps, key_is_token, window):
-    """(b, 1, l, s): True where a query may attend to a key: a token (key_is_token (b, s)) at the query's step or
-    one of the window - 1 steps before it. Each query also attends to its own step, so that a pad's query, with
-    every key masked, stays finite (its output is never used)."""
+    """(b, 1, l, s): True where a query may attend to a key: a token (key_is_token (b, s)) at the query's step or one
+    of the window - 1 before it; and its own step, so that a pad's query (all else masked) stays finite, unused."""
     behind = query_steps[:, None] - key_steps[None, :]                          # (l, s)  steps back
     in_window = (behind >= 0) & (behind < window)                               # (l, s)
     return (in_window & key_is_token[:, None, :] | (behind == 0))[:, None]
@@ -490,10 +487,9 @@ def _attention_mask(query_steps, key_steps, key_is_token, window):
 
 class AttentionBlock(nn.Module):
     """Causal self-attention through F.scaled_dot_product_attention, with a key/value cache for generation.
-
-    num_key_value_heads: grouped-query attention (Ainslie et al., arXiv 2305.13245), as in [Jamba] Section 2 (32
-    query heads share 8 key/value heads): each of num_key_value_heads groups of query heads shares one key and one
-    value head, which shrinks the cache by nhead // num_key_value_heads (None: nhead, plain multi-head attention).
+    num_key_value_heads: grouped-query attention (Ainslie et al., arXiv 2305.13245; [Jamba] Section 2 has 32 query
+    heads share 8): each group of query heads shares one key and one value head, which shrinks the cache by
+    nhead // num_key_value_heads (None: nhead, plain multi-head attention).
     rotary: [Jamba] Section 6.5 found no positional encoding is needed when Mamba layers come first (they carry
     position implicitly); an attention layer with no Mamba layer before it can get rotary embeddings instead.
     In generation (prefill, step) each query attends to the last max_seq_length steps only (a sliding window over
@@ -579,9 +575,8 @@ class AttentionBlock(nn.Module):
         return out, k, v, positions
 
     def step(self, x, state):
-        """One token x (b, m) with its cache -> (out (b, m), the cache, updated in place): prefill of one token,
-        without the window's mask, as every cached key is a past step within it; pads, if the cache took any in,
-        are still masked."""
+        """One token x (b, m) with its cache -> (out (b, m), the cache, updated in place): prefill of one token, with
+        no window mask (every cached key is a past step within it); pads the cache took in are still masked."""
         positions = state.positions.amax(-1, keepdim=True) + 1                  # (b, 1)
         q, k, v = self._qkv(x.unsqueeze(1), positions)                          # (b, h, 1, e), (b, g, 1, e)
         state = self._write(state, k, v, positions, state.pads)
@@ -637,14 +632,11 @@ class MLP(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """[Jamba] Section 2's MoE layer: num_experts gated SiLU MLPs, of which a router picks num_experts_per_tok for
-    each token (Shazeer et al., arXiv 1701.06538). Jamba has 16 experts and picks 2, in every other layer: 16x the
-    MLP parameters of those layers at about 2x their compute per token.
-
-    The router is a bias-free linear to num_experts logits with a softmax over all experts (in _compute_dtype);
-    each token goes to its K most probable experts, whose outputs are weighted by those probabilities as they are,
-    not renormalised to sum to 1 (as the public Jamba code; Mixtral renormalises them). Only the chosen experts run,
-    each once on the tokens grouped to it, so the cost per token grows with K, not with num_experts. After a
-    forward, router_probs (t, E) holds the router's probabilities for load_balancing_loss."""
+    each token (Shazeer et al., arXiv 1701.06538); Jamba picks 2 of 16 in every other layer: 16x the parameters at
+    about 2x the compute per token. The router is a bias-free linear with a softmax over all experts (in
+    _compute_dtype); each token's K most probable experts are weighted by those probabilities as they are, not
+    renormalised (as the public Jamba code; Mixtral renormalises). Only the chosen experts run, each once on the
+    tokens grouped to it. After a forward, router_probs (t, E) holds the probabilities for load_balancing_loss."""
 
     def __init__(self, d_model, dim_feedforward, num_experts, num_experts_per_tok=2, dropout=0.0):
         super().__init__()
@@ -681,11 +673,10 @@ class MixtureOfExperts(nn.Module):
 
 def load_balancing_loss(router_probs, num_experts_per_tok, token_mask=None):
     """The Switch Transformer's auxiliary loss (Fedus et al., arXiv 2101.03961, Eq. 4-6) with top-K routing, as in
-    the public Jamba code:  E * sum_e f_e P_e,  where f_e is the fraction of tokens that sent one of their K choices
-    to expert e and P_e the mean router probability of expert e, both pooled over the tokens of every MoE layer.
-    f sums to K, so an even spread gives K (exactly K for a uniform router) and piling tokens onto few experts
-    gives more. Only P carries a gradient. router_probs: one (t, E) tensor per MoE layer; token_mask (t,): the
-    tokens to count (pads left out, as transformers' load_balancing_loss_func with an attention mask), or None."""
+    the public Jamba code: E sum_e f_e P_e, f_e the fraction of tokens that chose expert e among their K, P_e its
+    mean router probability, pooled over every MoE layer's tokens. f sums to K: an even spread gives K, piling onto
+    few experts more; only P carries a gradient. router_probs: a (t, E) tensor per MoE layer; token_mask (t,): the
+    tokens to count (pads left out, as transformers' load_balancing_loss_func), or None."""
     probs = torch.cat(router_probs)                                             # (T, E)  every layer's tokens
     num_experts = probs.shape[-1]
     weight = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.to(probs.dtype).repeat(
@@ -744,8 +735,7 @@ class JambaConfig:
     scan: str = "auto"                 # fused kernel on CPU, else parallel; or "fused", "parallel", "sequential"
 
     def __post_init__(self):
-        """Checks what only the whole model knows (layers, the plan's periods and offsets); each kind of block
-        then checks its own settings by its own rules, without a model being built."""
+        """Checks what only the whole model knows (layers, periods, offsets), then asks each kind of block."""
         for name, low in (("vocab_size", 1), ("dim_feedforward", 1), ("max_seq_length", 1), ("num_mamba_layers", 0),
                           ("num_transformer_layers", 0)):
             _check_int(name, getattr(self, name), low)
@@ -809,7 +799,6 @@ class JambaLayer(nn.Module):
 class Jamba(nn.Module):
     """The Jamba language model ([Jamba] Section 2): token embedding, a plan of Mamba and attention layers
     (layer_schedule) whose MLPs are dense or mixtures of experts, a final RMSNorm and an output head.
-
     Jamba(config) with a JambaConfig, or Jamba(**settings) with its fields: Jamba(vocab_size=65, d_model=128, ...).
     model.layer_pattern shows the mixers ('M' Mamba, 'A' attention), model.mlp_pattern the MLPs ('D' dense,
     'E' experts); after a forward, model.aux_loss is the load-balancing term (None without experts)."""
@@ -850,36 +839,44 @@ class Jamba(nn.Module):
         # GPT-2's init, leaving the Mamba-specific init (dt_proj, conv1d, A_log, D) exactly as MambaBlock made it:
         # N(0, 0.02) everywhere, and the projections that write into the residual stream scaled by 1/sqrt(2 N) so
         # that its variance does not grow with depth.
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, nn.Linear)) and not getattr(module, "_no_reinit", False):
+                nn.init.normal_(module.weight, std=0.02)
         for name, param in self.named_parameters():
             if name.endswith(("out_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * len(self.layers)))
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Embedding, nn.Linear)) and not getattr(module, "_no_reinit", False):
-            nn.init.normal_(module.weight, std=0.02)
-
     def extra_repr(self):
         return f"layer_pattern={self.layer_pattern!r}, mlp_pattern={self.mlp_pattern!r}"
 
-    def _check_inputs(self, idx, targets=None, attention_mask=None):
-        """A TypeError or ValueError naming the argument, before any work: idx (b, l) ids in [0, vocab_size);
-        targets and attention_mask (1 for tokens, 0 for pads, bool or int, as transformers takes it) of idx's
-        shape. Returns the mask as bool, or None."""
-        if not isinstance(idx, torch.Tensor):
+    def _check_inputs(self, idx, targets=None, attention_mask=None, inputs_embeds=None):
+        """A TypeError or ValueError naming the argument, before any work: idx (b, l) ids in [0, vocab_size), or
+        inputs_embeds (b, l, m) in the model's dtype; targets and attention_mask (1 for tokens, 0 for pads, bool or
+        int, as transformers takes it) of shape (b, l). Returns the mask as bool, or None."""
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of idx (token ids) and inputs_embeds (vectors), not both or neither")
+        if inputs_embeds is not None:
+            dtype = self.embedding.weight.dtype
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dtype != dtype:
+                got = inputs_embeds.dtype if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+                raise TypeError(f"inputs_embeds must be a torch.Tensor of the model's dtype {dtype}, got {got}")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != self.config.d_model:
+                raise ValueError(f"inputs_embeds must have shape (b, l, d_model={self.config.d_model}) with l >= 1, "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            idx = inputs_embeds[..., 0]                                         # (b, l): the shape to check against
+        elif not isinstance(idx, torch.Tensor):
             raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype not in (torch.int64, torch.int32):
+        elif idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold token ids as torch.int64 or torch.int32, got {idx.dtype}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
+        elif idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (b, l) with l >= 1 (not an empty sequence), got {tuple(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        elif idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(f"idx holds ids in [{idx.min().item()}, {idx.max().item()}], "
                              f"outside [0, vocab_size={self.config.vocab_size})")
         for name, value in (("targets", targets), ("attention_mask", attention_mask)):
             if value is not None and (not isinstance(value, torch.Tensor) or value.shape != idx.shape):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"{name} must be a tensor of idx's shape {tuple(idx.shape)}, got {got}")
+                raise ValueError(f"{name} must be a tensor of shape (b, l) = {tuple(idx.shape)}, got {got}")
         if attention_mask is None:
             return None
         if attention_mask.is_floating_point() or attention_mask.is_complex():
@@ -910,19 +907,27 @@ class Jamba(nn.Module):
                 raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) for a batch of "
                                  f"{b}: give the states this model's prefill or step returned for the same batch")
 
-    def forward(self, idx, targets=None, attention_mask=None):
+    def _out(self, x, return_hidden):
+        x = self.norm(x)                                                        # (b, l, m) or (b, m)
+        return x if return_hidden else self.lm_head(x)                          # (b, l, v) or (b, v)
+
+    def forward(self, idx=None, targets=None, attention_mask=None, inputs_embeds=None, return_hidden=False):
         """idx (b, l) token ids, l <= max_seq_length -> (logits (b, l, v), mean cross-entropy loss or None).
         targets (b, l): the next token at each position; -1 marks positions to ignore, and so do pads.
         attention_mask (b, l): 1 for tokens, 0 for pads (any pattern here; generate needs left padding), which
         Mamba layers zero, attention layers never attend to, and the load-balancing term leaves out. With experts,
-        the loss adds router_aux_loss_coef times the load-balancing term, readable as model.aux_loss."""
-        mask = self._check_inputs(idx, targets, attention_mask)
-        if idx.shape[1] > self.config.max_seq_length:
-            raise ValueError(f"sequence length {idx.shape[1]} is over max_seq_length={self.config.max_seq_length}")
-        x = self.embedding(idx)                                                 # (b, l, m)
+        the loss adds router_aux_loss_coef times the load-balancing term, readable as model.aux_loss. For what is
+        not tokens: inputs_embeds (b, l, m) in place of idx's embedding rows (transformers' name); return_hidden=True
+        returns the final hidden states (b, l, m), after the last RMSNorm, in place of logits, for one's own head."""
+        if return_hidden and targets is not None:
+            raise ValueError("return_hidden=True gives hidden states, not logits: there is no loss for targets")
+        mask = self._check_inputs(idx, targets, attention_mask, inputs_embeds)
+        x = self.embedding(idx) if inputs_embeds is None else inputs_embeds    # (b, l, m)
+        if x.shape[1] > self.config.max_seq_length:
+            raise ValueError(f"sequence length {x.shape[1]} is over max_seq_length={self.config.max_seq_length}")
         for layer in self.layers:
             x = layer(x, mask)
-        logits = self.lm_head(self.norm(x))                                     # (b, l, v)
+        logits = self._out(x, return_hidden)                                    # (b, l, v) or (b, l, m)
         routers = [layer.mlp.router_probs for layer in self.layers if isinstance(layer.mlp, MixtureOfExperts)]
         self.aux_loss = None if not routers else load_balancing_loss(
             routers, self.config.num_experts_per_tok, None if mask is None else mask.flatten())
@@ -938,35 +943,38 @@ class Jamba(nn.Module):
     # 6. Generation
     # -----------------------------------------------------------------------------------------------------------
 
-    def prefill(self, idx, states=None, attention_mask=None):
-        """The parallel pass of generation: idx (b, l), the tokens after those the states have read (or the first
-        ones) -> (logits (b, l, v), states), one per layer: (conv_state, ssm_state) for Mamba layers, an
-        AttentionCache for attention layers. A long input can be read in pieces of any length, each in parallel:
-        the pieces give the logits and states of reading it whole. attention_mask (b, l) as in forward, for left
-        padding: a sequence's pads must come before its first token."""
-        mask = self._check_inputs(idx, attention_mask=attention_mask)
+    def prefill(self, idx=None, states=None, attention_mask=None, inputs_embeds=None, return_hidden=False):
+        """The parallel pass of generation: idx (b, l), the tokens after those the states have read (or the first)
+        -> (logits (b, l, v), states: (conv_state, ssm_state) per Mamba layer, an AttentionCache per attention
+        layer). Pieces of any length, each read in parallel, give the logits and states of reading the whole.
+        attention_mask as in forward, left padding only; inputs_embeds and return_hidden as in forward."""
+        mask = self._check_inputs(idx, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
+        x = self.embedding(idx) if inputs_embeds is None else inputs_embeds    # (b, l, m)
         if states is not None:
-            self._check_states(states, idx.shape[0])
-        x = self.embedding(idx)                                                 # (b, l, m)
+            self._check_states(states, x.shape[0])
         new_states = []
         for layer, state in zip(self.layers, states or [None] * len(self.layers)):
             x, state = layer.prefill(x, state, mask)
             new_states.append(state)
-        return self.lm_head(self.norm(x)), new_states                           # (b, l, v)
+        return self._out(x, return_hidden), new_states                          # (b, l, v) or (b, l, m)
 
-    def step(self, token, states):
-        """The recurrent pass: one token per sequence (b,) and the states -> (logits (b, v), new states)."""
-        x = self.embedding(token)                                               # (b, m)
+    def step(self, token, states, inputs_embeds=None, return_hidden=False):
+        """The recurrent pass: one token per sequence (b,) and the states -> (logits (b, v), new states).
+        inputs_embeds (b, m) in place of token (then token=None), and return_hidden, as in forward."""
+        if token is None or inputs_embeds is not None:
+            if inputs_embeds is not None and not (isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.dim() == 2):
+                raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape (b, m)")
+            self._check_inputs(token, inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None])
+        x = self.embedding(token) if inputs_embeds is None else inputs_embeds  # (b, m)
         new_states = []
         for layer, state in zip(self.layers, states):
             x, state = layer.step(x, state)
             new_states.append(state)
-        return self.lm_head(self.norm(x)), new_states                           # (b, v)
+        return self._out(x, return_hidden), new_states                          # (b, v) or (b, m)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None):
         """Continue idx (b, l) by max_new_tokens tokens -> (b, l + max_new_tokens), as nanoGPT's generate.
-
         Parallel prefills over the prompt, in pieces of max_seq_length, return every layer's state; then each new
         token costs one step() per layer: O(1) per token in Mamba layers, O(cache) in attention layers ([Jamba]
         Section 2). temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely.
@@ -1008,15 +1016,12 @@ class Jamba(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None):
-        """A Jamba checkpoint in the Hugging Face format of JambaForCausalLM, from a local directory: config.json
-        and model.safetensors, or the shards that model.safetensors.index.json lists. Nothing is downloaded.
-
-        The model gets exactly the checkpoint's plan: its attention period and offset, experts (number, top-K,
-        period, offset), query and key/value heads, norms' epsilon, tied or untied head, and no positional encoding
-        ([Jamba] Section 6.5). Experts are read in the released files' per-expert layout (experts.{e}.gate_proj)
-        or the stacked one of recent transformers versions (experts.gate_up_proj). Built on the meta device, the
-        model takes the checkpoint's tensors as its parameters: one copy of the weights in memory, in their stored
-        dtype unless dtype is given (bf16 for the released ones). Needs safetensors. Returns the model in eval mode."""
+        """A JambaForCausalLM checkpoint from a local directory (config.json and model.safetensors, or the shards
+        model.safetensors.index.json lists; nothing is downloaded), with exactly its plan: attention and experts'
+        periods and offsets, heads, norms' epsilon, tied or untied head, no positional encoding ([Jamba] Section 6.5).
+        Experts are read per expert (experts.{e}.gate_proj, the released files) or stacked (experts.gate_up_proj,
+        recent transformers). Built on the meta device, the model takes the checkpoint's tensors as its parameters:
+        one copy in memory, in their stored dtype unless dtype is given. Needs safetensors. Returns it in eval mode."""
         config, files = _read_hf_config(Path(path))
         load_file = _safetensors().load_file
         with torch.device("meta"):
@@ -1035,12 +1040,10 @@ class Jamba(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, special_token_ids=None, files=None):
-        """Write the model as a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that
-        transformers and from_pretrained read; special_token_ids, e.g. {"eos_token_id": 2}, go into config.json
-        (all None by default: generation then stops only at max_new_tokens, as ours does), and files, {name:
-        text}, beside them (a tokenizer's tokenizer.json, for one). The directory is written whole into a temporary
-        one beside it and renamed into place, replacing what was there, so it never holds half a checkpoint. A
-        model the format cannot express raises before anything is written. Needs the safetensors package."""
+        """Write a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that transformers and
+        from_pretrained read; special_token_ids ({"eos_token_id": 2}; all None by default) go into config.json, files
+        ({name: text}, a tokenizer.json say) beside them. Written whole into a temporary directory, then renamed into
+        place: never half a checkpoint; what the format cannot express raises first. Needs safetensors."""
         hf_config = _hf_config(self, special_token_ids)
         save_file = _safetensors().save_file
         state, tensors = self.state_dict(), {}
@@ -1100,8 +1103,7 @@ _HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
 
 
 def _safetensors():
-    """The safetensors package's torch functions, imported only where a checkpoint is read or written, so that
-    JAMBA.py itself needs nothing but torch; where it is missing, one line saying what to install."""
+    """safetensors.torch, imported only where a checkpoint is read or written; where missing, one line saying so."""
     try:
         import safetensors.torch
     except ImportError:
@@ -1150,11 +1152,9 @@ def _read_hf_config(path):
 
 
 def _hf_names(model):
-    """Our state_dict's keys -> the names a JambaForCausalLM checkpoint gives those tensors, for loading and saving:
-    embedding = model.embed_tokens, norm = model.final_layernorm, layers.i = model.layers.i, and in a layer
-    mixer_norm = input_layernorm, mlp_norm = pre_ff_layernorm, mixer = mamba or self_attn, mlp = feed_forward
-    (experts in the per-expert layout of the released files: experts.{e}.gate_proj, ...). Attention's qkv_proj
-    is q_proj, k_proj and v_proj stacked (a tuple of the three names), its out_proj o_proj. A tied head has none."""
+    """Our state_dict's keys -> JambaForCausalLM's names (embedding = model.embed_tokens, norm = final_layernorm,
+    mixer_norm = input_layernorm, mlp_norm = pre_ff_layernorm, mixer = mamba or self_attn, mlp = feed_forward, its
+    experts per expert); qkv_proj -> (q_proj, k_proj, v_proj) stacked, out_proj -> o_proj; a tied head has none."""
     names = {}
     for key in model.state_dict():
         if key == "lm_head.weight" and model.config.tie_word_embeddings:

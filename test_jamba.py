@@ -774,7 +774,8 @@ def test_tiny_model_overfits_one_batch():
 # ---------------------------------------------------------------------------------------------------------------
 # The recurrent path equals the parallel one; greedy generation equals the naive loop, past max_seq_length too
 # (a sliding window); sampling follows temperature and top_k; a left-padded batch gives each prompt what it
-# gives alone; prefill in pieces equals reading whole and stepping; masks and states are checked.
+# gives alone; prefill in pieces equals reading whole and stepping; masks and states are checked; vectors in
+# (inputs_embeds) and hidden states out (return_hidden) are the token path's, in every mode and dtype.
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_cached_path_equals_full_forward(variant):
@@ -976,8 +977,9 @@ def test_masks_and_states_are_checked_before_any_work():
     _, states = model.prefill(idx)
     other_model_states = tiny_jamba(2, 2).prefill(idx)[1]
     cases = [
-        (lambda: model(idx, attention_mask=ones[:, :4]), r"attention_mask must be a tensor of idx's shape \(2, 5\)"),
-        (lambda: model(idx, attention_mask=[[1] * 5] * 2), "attention_mask must be a tensor of idx's shape"),
+        (lambda: model(idx, attention_mask=ones[:, :4]),
+         r"attention_mask must be a tensor of shape \(b, l\) = \(2, 5\)"),
+        (lambda: model(idx, attention_mask=[[1] * 5] * 2), r"attention_mask must be a tensor of shape \(b, l\)"),
         (lambda: model(idx, attention_mask=ones.float()), "as bool or int, got torch.float32"),
         (lambda: model(idx, attention_mask=ones * 2), "only 1 \\(token\\) and 0 \\(pad\\)"),
         (lambda: model.prefill(idx, attention_mask=ones * 0), "every position as a pad"),
@@ -993,6 +995,94 @@ def test_masks_and_states_are_checked_before_any_work():
         with pytest.raises(ValueError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
+def test_inputs_embeds_and_hidden_states_are_the_token_path(variant):
+    """The embedding's rows for idx, given as inputs_embeds, give exactly idx's logits, loss and load-balancing
+    term, left-padded too; return_hidden gives the states the head reads (lm_head of them is the logits); prefill
+    and step take vectors as they take tokens, and reading vector by vector equals the parallel pass."""
+    model = tiny_jamba(**MODEL_VARIANTS[variant]).double().eval()
+    g = torch.Generator().manual_seed(7)
+    idx, targets = torch.randint(0, 11, (3, 10), generator=g), torch.randint(0, 11, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :3] = mask[2, :1] = 0                                           # left padding
+    embeds = model.embedding.weight.detach()[idx]                           # (b, l, m)
+    with torch.no_grad():
+        logits, loss = model(idx, targets, attention_mask=mask)
+        aux = model.aux_loss
+        logits_from_embeds, loss_from_embeds = model(inputs_embeds=embeds, targets=targets, attention_mask=mask)
+        assert torch.equal(logits_from_embeds, logits) and torch.equal(loss_from_embeds, loss)
+        assert (aux is None) == (model.aux_loss is None) and (aux is None or torch.equal(model.aux_loss, aux))
+        hidden, no_loss = model(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
+        assert no_loss is None and hidden.shape == (3, 10, 16) and torch.equal(model.lm_head(hidden), logits)
+        for return_hidden, full in ((False, logits), (True, hidden)):
+            by_ids, states = model.prefill(idx[:, :6], attention_mask=mask[:, :6], return_hidden=return_hidden)
+            out, embed_states = model.prefill(inputs_embeds=embeds[:, :6], attention_mask=mask[:, :6],
+                                              return_hidden=return_hidden)
+            assert torch.equal(out, by_ids)
+            outs = [out]
+            for t in range(6, 10):
+                by_id, states = model.step(idx[:, t], states, return_hidden=return_hidden)
+                out, embed_states = model.step(None, embed_states, inputs_embeds=embeds[:, t],
+                                               return_hidden=return_hidden)
+                assert torch.equal(out, by_id)
+                outs.append(out[:, None])
+            is_token = mask.bool()
+            torch.testing.assert_close(torch.cat(outs, dim=1)[is_token], full[is_token], rtol=1e-9, atol=1e-9)
+
+
+def test_inputs_embeds_in_bfloat16_and_the_gradient_reaches_them():
+    """Gradients flow into inputs_embeds (a read-in layer before them learns), and a model cast to bf16 reads bf16
+    vectors in forward, prefill and step, close to float32."""
+    model = tiny_jamba(**MODEL_VARIANTS["jamba"])
+    embeds = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    hidden, _ = model(inputs_embeds=embeds, return_hidden=True)
+    hidden[:, 3].square().sum().backward()                                  # position 3 reads positions 0..3 only
+    assert embeds.grad[:, :4].abs().sum(-1).min() > 0 and (embeds.grad[:, 4:] == 0).all()
+    model.to(torch.bfloat16).eval()
+    vectors = embeds.detach().bfloat16()
+    with torch.no_grad():
+        hidden16, _ = model(inputs_embeds=vectors, return_hidden=True)
+        _, states = model.prefill(inputs_embeds=vectors[:, :7])
+        step16, _ = model.step(None, states, inputs_embeds=vectors[:, 7], return_hidden=True)
+    assert hidden16.dtype == step16.dtype == torch.bfloat16 and step16.shape == (2, 16)
+    scale = hidden.detach().abs().mean()
+    assert (hidden16.float() - hidden.detach()).abs().mean() <= 3e-2 * scale
+    assert (step16.float() - hidden.detach()[:, 7]).abs().mean() <= 3e-2 * scale
+
+
+def test_inputs_embeds_are_checked_with_one_line():
+    model = tiny_jamba()
+    idx = torch.randint(0, 11, (2, 5))
+    embeds, ones = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    _, states = model.prefill(inputs_embeds=embeds)
+    cases = [
+        (lambda: model(idx, inputs_embeds=embeds), ValueError, "give exactly one of idx .* and inputs_embeds"),
+        (lambda: model(), ValueError, "give exactly one of idx .* and inputs_embeds"),
+        (lambda: model(inputs_embeds=embeds.double()), TypeError,
+         "inputs_embeds must be a torch.Tensor of the model's dtype torch.float32, got torch.float64"),
+        (lambda: model(inputs_embeds=embeds.tolist()), TypeError, "model's dtype torch.float32, got list"),
+        (lambda: model(inputs_embeds=embeds[0]), ValueError, r"shape \(b, l, d_model=16\) with l >= 1, got \(5, 16\)"),
+        (lambda: model(inputs_embeds=embeds[..., :8]), ValueError, r"d_model=16\) with l >= 1, got \(2, 5, 8\)"),
+        (lambda: model.prefill(inputs_embeds=embeds[:, :0]), ValueError, r"l >= 1, got \(2, 0, 16\)"),
+        (lambda: model(inputs_embeds=torch.randn(1, 25, 16)), ValueError, "over max_seq_length=24"),
+        (lambda: model(inputs_embeds=embeds, targets=idx[:, :3]), ValueError,
+         r"targets must be a tensor of shape \(b, l\) = \(2, 5\), got \(2, 3\)"),
+        (lambda: model(inputs_embeds=embeds, attention_mask=ones[:, :4]), ValueError,
+         r"attention_mask must be a tensor of shape \(b, l\) = \(2, 5\)"),
+        (lambda: model(inputs_embeds=embeds, targets=idx, return_hidden=True), ValueError, "no loss for targets"),
+        (lambda: model.prefill(inputs_embeds=embeds[:1], states=states), ValueError,
+         r"states\[0\] is not a state of layer 0 \(MambaBlock\) for a batch of 1"),
+        (lambda: model.step(None, states, inputs_embeds=embeds), ValueError,
+         r"step's inputs_embeds must be one vector per sequence, a tensor of shape \(b, m\)"),
+        (lambda: model.step(None, states), ValueError, "give exactly one of idx"),
+        (lambda: model.step(None, states, inputs_embeds=embeds[:, 0].double()), TypeError, "model's dtype"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message) as raised:
+            call()
+        assert "\n" not in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1703,8 +1793,11 @@ def test_fine_tune_refuses_bad_input_with_one_line(hf_to_fine_tune, corpus, tmp_
 # Each script runs in its smoke mode (tiny sizes) so that none can silently rot; the recall task's invariants.
 
 @pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py",
-                                    "gpu_check.py"])
+                                    "gpu_check.py", "forecast.py"])
 def test_benchmark_smoke(script):
+    if script == "forecast.py":
+        pytest.importorskip("statsmodels", reason="forecast.py's data and ARIMA come from statsmodels (.ci/run "
+                            "installs it)")
     path = Path(__file__).with_name("benchmarks") / script
     result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1738,6 +1831,44 @@ def test_multi_query_recall_task():
     torch.testing.assert_close(loss, F.cross_entropy(logits[scored], targets[scored]))
     with pytest.raises(ValueError, match="8 pairs need a length of at least 32"):
         multi_query_recall(1, 31, 8, V, torch.Generator())
+
+
+def test_a_small_forecaster_fits_a_noisy_seasonal_series_and_rolls_out_recurrently():
+    """benchmarks/forecast.py's Forecaster (Jamba's layers between a read-in and a read-out, through inputs_embeds
+    and return_hidden), trained briefly on a noisy seasonal series, predicts the next value of held-out windows
+    with a mean squared error well below the naive forecast's (the last value) and within 3x the noise variance,
+    the least any forecast can reach. Its forecast (prefill, then steps reading each prediction back) is what
+    feeding the predictions back through the parallel forward gives."""
+    sys.path.insert(0, str(Path(__file__).with_name("benchmarks")))
+    from forecast import Forecaster
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(640.0)
+    noise = 0.1
+    series = torch.sin(2 * math.pi * t / 12) + 0.5 * torch.sin(2 * math.pi * t / 6 + 1) + noise * torch.randn(
+        640, generator=g)                                                   # (T,)
+    windows = series.unfold(0, 49, 1)[..., None]                            # (T - 48, 49, 1)
+    train, held_out = windows[:460], windows[512:]                          # held-out windows never trained on
+    torch.manual_seed(0)
+    model = Forecaster(d_model=16, num_mamba_layers=3, num_transformer_layers=1, nhead=2, dim_feedforward=32,
+                       max_seq_length=48, d_state=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        batch = train[torch.randint(0, len(train), (16,), generator=g)]     # (16, 49, 1)
+        loss = F.mse_loss(model(batch[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        error = F.mse_loss(model(held_out[:, :-1])[:, -1], held_out[:, -1]).item()
+    naive = F.mse_loss(held_out[:, -2], held_out[:, -1]).item()
+    assert error < naive / 5 and error < 3 * noise ** 2, (error, naive)
+    model.double().eval()
+    history = series[None, :40, None].double()                              # (1, 40, 1)
+    fed_back = history
+    with torch.no_grad():
+        for _ in range(8):
+            fed_back = torch.cat([fed_back, model(fed_back)[:, -1:]], dim=1)
+        torch.testing.assert_close(model.forecast(history, 8), fed_back[:, 40:], rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
