@@ -1,6 +1,6 @@
 """Jamba beyond text: forecasting a real monthly series, Mauna Loa CO2, against the classic baselines.
 
-    python benchmarks/forecast.py          # benchmarks/forecast.md and forecast.png (needs statsmodels; ~6 min on 2 cores)
+    python benchmarks/forecast.py          # benchmarks/forecast.md and forecast.png (statsmodels; ~6 min, 2 cores)
     python benchmarks/forecast.py --smoke  # tiny sizes, seconds, no files: checks that the script still runs
 
 The series: statsmodels' co2 data set (Keeling & Whorf: weekly CO2 at Mauna Loa in ppm, shipped inside the
