@@ -121,8 +121,8 @@ scan_flags = st.fixed_dictionaries(dict(with_D=st.booleans(), with_z=st.booleans
 
 def require_fused():
     """Skip, saying why, where the fused kernel cannot be built; CI sets JAMBA_REQUIRE_FUSED=1 so that it fails."""
-    reason = JAMBA._fused_kernels()
-    if isinstance(reason, str):
+    if JAMBA._fused() is None:
+        reason = JAMBA._FUSED[1]
         if os.environ.get("JAMBA_REQUIRE_FUSED"):
             pytest.fail(f"JAMBA_REQUIRE_FUSED is set, but the fused kernel is not available: {reason}")
         pytest.skip(f"the fused selective scan is not available here: {reason}")
@@ -133,14 +133,14 @@ def fast_scan(request):
     """Each of the two fast scans, which must equal the sequential one."""
     if request.param == "fused":
         require_fused()
-    return JAMBA._SCANS[request.param]
+    return getattr(JAMBA, f"selective_scan_{request.param}")
 
 
 @pytest.fixture(scope="session", params=["sequential", "parallel", "fused"])
 def any_scan(request):
     if request.param == "fused":
         require_fused()
-    return JAMBA._SCANS[request.param]
+    return getattr(JAMBA, f"selective_scan_{request.param}")
 
 
 def run_python(code, **env):
@@ -266,10 +266,11 @@ def test_scan_rejects_bad_arguments(any_scan):
 def test_parallel_scan_blocks_by_cache_on_cpu_and_by_free_memory_on_a_gpu(monkeypatch):
     """On a CPU a block's (l, b, c, n) tensor is about 4 MB; on CUDA a 64th of the free memory (here 64 GiB free),
     so a wide, long layer is one block instead of hundreds of launches."""
-    cpu = JAMBA._channel_blocks(4, 4096, 1024, 16, torch.device("cpu"))
+    cpu = JAMBA._ParallelSelectiveScan.channel_blocks(4, 4096, 1024, 16, torch.device("cpu"))
     assert len(cpu) == 256 and all(block.stop - block.start == 16 for block in cpu)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 * 2 ** 30, 80 * 2 ** 30))
-    assert JAMBA._channel_blocks(4, 4096, 1024, 16, torch.device("cuda")) == [slice(0, 4096)]
+    blocks = JAMBA._ParallelSelectiveScan.channel_blocks(4, 4096, 1024, 16, torch.device("cuda"))
+    assert blocks == [slice(0, 4096)]
 
 
 def test_fused_kernel_builds_once_and_says_so(tmp_path):
@@ -324,7 +325,7 @@ def test_fused_ops_are_registered_with_torch_library():
     """torch.library.opcheck: each op's schema, fake kernel (the shapes torch.compile traces with), autograd
     registration and AOT dispatch agree with what the op really does."""
     require_fused()
-    kernels = JAMBA._fused_kernels()
+    kernels = JAMBA._fused()
     g = torch.Generator().manual_seed(0)
     b, l, d, n, k = 2, 37, kernels.LANES, 3, 4
     u, delta, z = torch.randn(b, l, d, generator=g), torch.rand(b, l, d, generator=g), torch.randn(b, l, d, generator=g)
@@ -396,19 +397,20 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("inner_layernorms", [True, False])
 def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
-    """step() in one call of the fused library gives step()'s arithmetic done in small torch operations."""
+    """The fused step (one call of the fused library, which a Jamba layer's step makes where it can) gives
+    MambaBlock.step's arithmetic, done in small torch operations."""
     require_fused()
     torch.manual_seed(0)
     block = MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms).to(dtype)
     x = torch.randn(3, 10, 24, dtype=dtype)
     results = []
     with torch.no_grad():
-        for scan in ("fused", "parallel"):                # the parallel setting steps with torch operations
-            block.scan = scan
+        for step in (lambda x, state: JAMBA._mixer_step(block, x, state), block.step):
+            block.scan = "fused"
             _, state = block.prefill(x[:, :4])
             outs = []
             for t in range(4, 10):
-                out, state = block.step(x[:, t], state)
+                out, state = step(x[:, t], state)
                 outs.append(out)
             results.append((torch.stack(outs, 1), *state))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -440,7 +442,6 @@ def check_mamba_init(block):
     assert dt.max() / dt.min() > 10, "dt should spread log-uniformly over [1e-3, 1e-1]"
     assert block.dt_proj.weight.abs().max() <= block.dt_rank ** -0.5
     assert block.dt_proj.weight.std() > 0.5 * block.dt_rank ** -0.5 / math.sqrt(3)
-    assert block.A_log._no_weight_decay and block.D._no_weight_decay
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,21 +478,23 @@ def test_grouped_query_attention_shares_key_value_heads_and_caches_only_those():
     torch.manual_seed(0)
     gqa = AttentionBlock(16, 4, max_seq_length=12, num_key_value_heads=2).double().eval()
     mha = AttentionBlock(16, 4, max_seq_length=12).double().eval()
-    q, k, v = gqa.qkv_proj.weight.split([16, 8, 8])                    # (h e, m), (g e, m), (g e, m)
     repeat = lambda w: w.view(2, 1, 4, 16).expand(2, 2, 4, 16).reshape(16, 16)   # key/value head j -> 2j, 2j+1
     with torch.no_grad():
-        mha.qkv_proj.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
-        mha.out_proj.weight.copy_(gqa.out_proj.weight)
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.k_proj.weight.copy_(repeat(gqa.k_proj.weight))                # (g e, m) -> (h e, m)
+        mha.v_proj.weight.copy_(repeat(gqa.v_proj.weight))
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
         x = torch.randn(2, 12, 16, dtype=torch.float64)
         expected = gqa(x)
         torch.testing.assert_close(expected, mha(x), rtol=1e-12, atol=1e-12)
         out, state = gqa.prefill(x[:, :5])
-        assert state[0].shape == (2, 2, 10, 4) and state[1].shape == (2, 2, 10, 4)   # (b, g, s, e): room for 2 l
+        assert state.keys.shape == state.values.shape == (2, 2, 10, 4)  # (b, g, room, e): room for 2 l
         steps = [out]
         for t in range(5, 12):
             y, state = gqa.step(x[:, t], state)
             steps.append(y[:, None])
-    assert state[0].shape == (2, 2, 12, 4)                              # doubled, then capped at max_seq_length
+    # Full at 10: the 10 steps still in view (up to max_seq_length - 1 = 11) move to a room of 2 (10 + 1).
+    assert state.keys.shape == (2, 2, 22, 4) and state.length == 12
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="nhead must be a multiple of num_key_value_heads"):
         AttentionBlock(16, 4, num_key_value_heads=3)
@@ -599,13 +602,13 @@ def test_model_layers_follow_schedule_and_print_it():
 def test_layer_plan_by_period_and_offset_as_the_public_jamba_config():
     model = tiny_jamba(14, 2, attn_layer_period=8, attn_layer_offset=4, num_experts=4)
     assert model.layer_pattern == "MMMMAMMMMMMMAMMM" and model.mlp_pattern == "DE" * 8
-    assert [type(layer.mlp) for layer in model.layers] == [MLP, MixtureOfExperts] * 8
+    assert [type(layer.feed_forward) for layer in model.layers] == [MLP, MixtureOfExperts] * 8
     assert "mlp_pattern='DEDEDEDEDEDEDEDE'" in repr(model)
     assert tiny_jamba(3, 1, attn_layer_period=4, attn_layer_offset=0).layer_pattern == "AMMM"
     assert tiny_jamba(num_experts=4, expert_layer_period=4, expert_layer_offset=0).mlp_pattern == "EDDD"
     assert tiny_jamba(num_experts=1).mlp_pattern == "DDDD"
     untied = tiny_jamba(tie_word_embeddings=False)
-    assert untied.lm_head.weight is not untied.embedding.weight
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -634,10 +637,10 @@ def test_init_scales_and_mamba_init_untouched():
     model = tiny_jamba(**MODEL_VARIANTS["jamba"], d_model=64, dim_feedforward=128)
     residual = 0.02 / math.sqrt(2 * len(model.layers))
     for name, param in model.named_parameters():
-        if name.endswith(("out_proj.weight", "down_proj.weight")):
+        if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
             expected = residual
-        elif name.endswith(("in_proj.weight", "x_proj.weight", "qkv_proj.weight", "gate_proj.weight",
-                            "up_proj.weight", "router.weight", "embedding.weight")):
+        elif name.endswith(("in_proj.weight", "x_proj.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                            "gate_proj.weight", "up_proj.weight", "router.weight", "embed_tokens.weight")):
             expected = 0.02
         else:
             continue
@@ -658,15 +661,15 @@ def test_mamba_init_survives_model_construction():
         check_mamba_init(block)
         assert block.inner_layernorms
         assert {"dt_layernorm", "b_layernorm", "c_layernorm"} <= dict(block.named_children()).keys()
-    assert model.lm_head.weight is model.embedding.weight
-    assert abs(model.embedding.weight.std().item() - 0.02) < 0.005
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert abs(model.embed_tokens.weight.std().item() - 0.02) < 0.005
 
 
 def test_loss_with_experts_adds_the_load_balancing_term():
     model = tiny_jamba(**MODEL_VARIANTS["jamba"], router_aux_loss_coef=0.5)
     idx = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(0))
     logits, loss = model(idx, idx)
-    routers = [layer.mlp.router_probs for layer in model.layers if isinstance(layer.mlp, MixtureOfExperts)]
+    routers = [layer.feed_forward.router_probs for layer in model.layers if isinstance(layer.feed_forward, MixtureOfExperts)]
     assert len(routers) == 2 and routers[0].shape == (18, 4)
     torch.testing.assert_close(model.aux_loss, load_balancing_loss(routers, 2))
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.5 * model.aux_loss)
@@ -754,7 +757,7 @@ def test_state_dict_round_trip(tmp_path, variant):
         assert torch.equal(value, restored.state_dict()[key]), key
     idx = torch.randint(0, 11, (2, 9))
     assert torch.equal(model(idx)[0], restored(idx)[0])
-    assert restored.lm_head.weight is restored.embedding.weight
+    assert restored.lm_head.weight is restored.embed_tokens.weight
 
 
 def test_tiny_model_overfits_one_batch():
@@ -891,8 +894,8 @@ def test_left_padded_batch_gives_each_prompt_what_it_gives_alone(variant):
         alone_routers = []
         for row, prompt in enumerate(prompts):
             alone, _ = model(prompt[None])
-            alone_routers += [layer.mlp.router_probs for layer in model.layers
-                              if isinstance(layer.mlp, MixtureOfExperts)]
+            alone_routers += [layer.feed_forward.router_probs for layer in model.layers
+                              if isinstance(layer.feed_forward, MixtureOfExperts)]
             torch.testing.assert_close(logits[row, -len(prompt):], alone[0], rtol=1e-9, atol=1e-9)
             _, alone_states = model.prefill(prompt[None])
             for layer, state, alone_state in zip(model.layers, states, alone_states):
@@ -914,8 +917,8 @@ def test_the_loss_leaves_pads_out():
     tokens = mask.bool()
     expected = F.cross_entropy(logits[tokens], targets[tokens]) + model.config.router_aux_loss_coef * model.aux_loss
     torch.testing.assert_close(loss, expected)
-    routers = [layer.mlp.router_probs[tokens.flatten()] for layer in model.layers
-               if isinstance(layer.mlp, MixtureOfExperts)]
+    routers = [layer.feed_forward.router_probs[tokens.flatten()] for layer in model.layers
+               if isinstance(layer.feed_forward, MixtureOfExperts)]
     torch.testing.assert_close(model.aux_loss, load_balancing_loss(routers, 2))
 
 
@@ -946,11 +949,11 @@ def test_prefill_in_pieces_equals_reading_whole_and_stepping(variant, data):
     for other, other_states in ((torch.cat(pieces, 1), states), (torch.cat(stepped, 1), step_states)):
         torch.testing.assert_close(other[tokens], whole[tokens], rtol=1e-9, atol=1e-9)
         for state, expected in zip(other_states, whole_states):
-            if isinstance(state, AttentionCache):             # the filled slots (the room may differ)
-                filled = min(expected.seen, 16)
-                assert state.seen == expected.seen
-                assert torch.equal(state.positions[:, :filled], expected.positions[:, :filled])
-                state, expected = ((c.keys[:, :, :filled], c.values[:, :, :filled]) for c in (state, expected))
+            if isinstance(state, AttentionCache):             # the steps a later query sees (rooms differ)
+                assert state.pads and torch.equal(state.next_position, expected.next_position)
+                seen = min(l, 16 - 1)
+                state, expected = ((c.keys[:, :, c.length - seen:c.length], c.values[:, :, c.length - seen:c.length],
+                                    c.is_token[:, :, c.length - seen:c.length]) for c in (state, expected))
             for part, expected_part in zip(state, expected):
                 torch.testing.assert_close(part, expected_part, rtol=1e-9, atol=1e-12)
 
@@ -1007,7 +1010,7 @@ def test_inputs_embeds_and_hidden_states_are_the_token_path(variant):
     idx, targets = torch.randint(0, 11, (3, 10), generator=g), torch.randint(0, 11, (3, 10), generator=g)
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[0, :3] = mask[2, :1] = 0                                           # left padding
-    embeds = model.embedding.weight.detach()[idx]                           # (b, l, m)
+    embeds = model.embed_tokens.weight.detach()[idx]                           # (b, l, m)
     with torch.no_grad():
         logits, loss = model(idx, targets, attention_mask=mask)
         aux = model.aux_loss
@@ -1141,8 +1144,8 @@ def test_from_pretrained_matches_transformers(hf_checkpoint, name):
     hf_config = hf_model.config
     assert model.layer_pattern == "".join("A" if kind == "attention" else "M" for kind in hf_config.layers_block_type)
     assert model.mlp_pattern == "".join("E" if n > 1 else "D" for n in hf_config.layers_num_experts)
-    assert (model.lm_head.weight is model.embedding.weight) == hf_config.tie_word_embeddings
-    assert model.norm.eps == 1e-5 and all(layer.mixer_norm.eps == 1e-5 for layer in model.layers)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == hf_config.tie_word_embeddings
+    assert model.final_layernorm.eps == 1e-5 and all(layer.input_layernorm.eps == 1e-5 for layer in model.layers)
     attention = [layer.mixer for layer in model.layers if isinstance(layer.mixer, AttentionBlock)]
     assert attention and all(not block.rotary and block.num_key_value_heads == hf_config.num_key_value_heads
                              for block in attention)

@@ -292,10 +292,11 @@ def start_processes(device_name):
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW that decays weight matrices only: never biases, norms, A_log or D (marked _no_weight_decay)."""
+    """AdamW that decays weight matrices only: never biases, norms, D, or A_log (the Mamba reference marks
+    A_log and D "no weight decay")."""
     decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if param.dim() >= 2 and not getattr(param, "_no_weight_decay", False) else no_decay).append(param)
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and not name.endswith("A_log") else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 

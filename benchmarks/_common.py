@@ -30,9 +30,9 @@ def active_parameters(model):
     router did not choose."""
     total = sum(p.numel() for p in model.parameters())
     for layer in model.layers:
-        if hasattr(layer.mlp, "experts"):
-            per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
-            total -= per_expert * (len(layer.mlp.experts) - layer.mlp.num_experts_per_tok)
+        if hasattr(layer.feed_forward, "experts"):
+            per_expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
+            total -= per_expert * (len(layer.feed_forward.experts) - layer.feed_forward.num_experts_per_tok)
     return total
 
 
