@@ -40,7 +40,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -57,14 +56,16 @@ import torch.nn.functional as F
 # -------------------------------------------------------------------------------------------------
 
 def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                              delta_softplus=False, return_last_state=False, initial_state=None):
+                              delta_softplus=False, return_last_state=False, initial_state=None,
+                              _over_time=None):
     """The selective scan as a loop over time: [Mamba] Algorithm 2, lines 5-7, the oracle the fast
     scans are proven against. Signature and results as the reference's selective_scan_ref:
       u, delta, z (b, d, l); A (d, n), real; B, C (b, n, l); D, delta_bias (d,);
       initial_state (b, d, n) -> out (b, d, l) in u's dtype, and the last state h (b, d, n).
     Line 6 discretises A by the zero-order hold of Eq. (4), A-bar = exp(Delta A), but B by the
     simpler Euler step, B-bar = Delta B, not Eq. (4)'s (Delta A)^-1 (exp(Delta A) - I) Delta B. So
-    does the reference: the two agree to first order in Delta, and A-bar is the term that matters."""
+    does the reference: the two agree to first order in Delta, and A-bar is the term that matters.
+    (_over_time is selective_scan_parallel's: what runs Eq. 2a and 2b in place of the loop.)"""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
@@ -74,15 +75,18 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         delta = F.softplus(delta)                                       # (b, d, l)  line 5's tau_Delta
 
     h = u.new_zeros(*u.shape[:2], A.shape[1]) if initial_state is None else initial_state.to(compute)
-    ys = []
-    # One step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size
-    # gradient per step (quadratic); unbind's backward stacks the small per-step gradients once.
-    for delta_t, u_t, B_t, C_t in zip(delta.unbind(2), u.unbind(2), B.unbind(2), C.unbind(2)):
-        dA_t = torch.exp(delta_t.unsqueeze(-1) * A)                     # (b, d, n)  A-bar_t, Eq. (4)
-        dBu_t = (delta_t * u_t).unsqueeze(-1) * B_t.unsqueeze(1)        # (b, d, n)  B-bar_t u_t, Euler
-        h = dA_t * h + dBu_t                                            # (b, d, n)  Eq. (2a)
-        ys.append(torch.einsum("bdn,bn->bd", h, C_t))                   # (b, d)     Eq. (2b)
-    y = torch.stack(ys, dim=2)                                          # (b, d, l)
+    if _over_time is not None:
+        y, h = _over_time(u, delta, A, B, C, h)                         # (b, d, l), (b, d, n)
+    else:
+        ys = []
+        # One step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size
+        # gradient per step (quadratic); unbind's backward stacks the small per-step gradients once.
+        for delta_t, u_t, B_t, C_t in zip(delta.unbind(2), u.unbind(2), B.unbind(2), C.unbind(2)):
+            dA_t = torch.exp(delta_t[..., None] * A)                    # (b, d, n)  A-bar_t, Eq. (4)
+            dBu_t = (delta_t * u_t)[..., None] * B_t[:, None]           # (b, d, n)  B-bar_t u_t, Euler
+            h = dA_t * h + dBu_t                                        # (b, d, n)  Eq. (2a)
+            ys.append(torch.einsum("bdn,bn->bd", h, C_t))               # (b, d)     Eq. (2b)
+        y = torch.stack(ys, dim=2)                                      # (b, d, l)
 
     if D is not None:
         y = y + D.to(compute)[:, None] * u                              # (b, d, l)  the skip D u
@@ -136,8 +140,8 @@ class _ParallelSelectiveScan(torch.autograd.Function):
     def states(u, delta, A, B, h0):
         """Every h_t of one block, and A-bar: u, delta (l, b, c); A (c, n); B (l, b, n); h0 (b, c, n)
         -> h, dA (l, b, c, n). Eq. (2a), h_t = A-bar_t h_{t-1} + B-bar_t u_t, by _odd_even_scan_."""
-        dA = torch.exp(delta.unsqueeze(-1) * A)                         # (l, b, c, n)  A-bar, Eq. (4)
-        h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)                  # (l, b, c, n)  B-bar u
+        dA = torch.exp(delta[..., None] * A)                            # (l, b, c, n)  A-bar, Eq. (4)
+        h = (delta * u)[..., None] * B[:, :, None]                      # (l, b, c, n)  B-bar u
         h[0].addcmul_(dA[0], h0)                                        # h0 enters at t = 0
         _odd_even_scan_(dA.clone(), h)
         return h, dA
@@ -150,7 +154,7 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         for ch in _ParallelSelectiveScan.channel_blocks(b, d, l, n, u.device):
             h, _ = _ParallelSelectiveScan.states(u[:, :, ch], delta[:, :, ch], A[ch], B, h0[:, ch])
             last[:, ch] = h[-1]
-            y[:, :, ch] = torch.linalg.vecdot(h, C.unsqueeze(2))        # (l, b, c)  Eq. (2b)
+            y[:, :, ch] = torch.einsum("lbcn,lbn->lbc", h, C)            # (l, b, c)  Eq. (2b)
         ctx.save_for_backward(u, delta, A, B, C, h0)
         return y.permute(1, 2, 0), last                                 # (b, d, l), (b, d, n)
 
@@ -164,12 +168,12 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         (l, b, d), n = u.shape, A.shape[1]
         grad_y = grad_y.permute(2, 0, 1).contiguous()                  # (l, b, d)
         grad_u, grad_delta, grad_A, grad_h0 = map(torch.empty_like, (u, delta, A, h0))
-        grad_B, grad_C = torch.zeros_like(B), torch.zeros_like(C)      # (l, b, n), summed over blocks
+        grad_B, grad_C = map(torch.zeros_like, (B, C))                 # (l, b, n), summed over blocks
         for ch in _ParallelSelectiveScan.channel_blocks(b, d, l, n, u.device):
-            u_c, delta_c, grad_y_c = u[:, :, ch], delta[:, :, ch], grad_y[:, :, ch]  # (l, b, c)
+            u_c, delta_c, grad_y_c = (x[:, :, ch] for x in (u, delta, grad_y))   # (l, b, c)
             h, dA = _ParallelSelectiveScan.states(u_c, delta_c, A[ch], B, h0[:, ch])  # recomputed
 
-            g = (grad_y_c.unsqueeze(-1) * C.unsqueeze(2)).flip(0)       # (l, b, c, n)  reversed
+            g = torch.einsum("lbc,lbn->lbcn", grad_y_c, C).flip(0)      # (l, b, c, n)  reversed
             if grad_last is not None:
                 g[0] += grad_last[:, ch]
             dA_next = torch.cat([torch.zeros_like(dA[:1]), dA[1:].flip(0)])   # A-bar_{t+1}, reversed
@@ -185,31 +189,19 @@ class _ParallelSelectiveScan(torch.autograd.Function):
             grad_delta[:, :, ch] = grad_delta_u * u_c + torch.linalg.vecdot(grad_delta_A, A[ch])
             grad_A[ch] = torch.einsum("lbcn,lbc->cn", grad_delta_A, delta_c)
             grad_B += torch.einsum("lbcn,lbc->lbn", g, delta_c * u_c)
-        return (*(x.permute(1, 2, 0) for x in (grad_u, grad_delta)), grad_A,
-                *(x.permute(1, 2, 0) for x in (grad_B, grad_C)), grad_h0)
+        grad_u, grad_delta, grad_B, grad_C = (x.permute(1, 2, 0) for x in (grad_u, grad_delta, grad_B,
+                                                                            grad_C))
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0
 
 
 def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                             delta_softplus=False, return_last_state=False, initial_state=None):
     """The selective scan with no Python loop over time, in pure PyTorch for any device: the
-    sequential scan's signature, steps and results, its loop done by _ParallelSelectiveScan. Every
-    factor the scan multiplies is an A-bar in [0, 1] or a finite input, so large Delta and very
-    negative A underflow to zero, never overflow."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
-    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]                 # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)                                       # (b, d, l)
-    h = u.new_zeros(*u.shape[:2], A.shape[1]) if initial_state is None else initial_state.to(compute)
-    y, h = _ParallelSelectiveScan.apply(u, delta, A, B, C, h)           # (b, d, l), (b, d, n)
-    if D is not None:
-        y = y + D.to(compute)[:, None] * u                              # (b, d, l)
-    if z is not None:
-        y = y * F.silu(z.to(compute))                                   # (b, d, l)
-    out = y.to(dtype_in)
-    return (out, h) if return_last_state else out
+    sequential scan, its signature, steps and results, with its loop over time done by
+    _ParallelSelectiveScan. Every factor the scan multiplies is an A-bar in [0, 1] or a finite
+    input, so large Delta and very negative A underflow to zero, never overflow."""
+    return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     return_last_state, initial_state, _ParallelSelectiveScan.apply)
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -261,9 +253,8 @@ class MambaBlock(nn.Module):
         self.x_proj = nn.Linear(d, r + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(r, d)
         if inner_layernorms:
-            self.dt_layernorm = nn.RMSNorm(r, eps=norm_eps)
-            self.b_layernorm = nn.RMSNorm(d_state, eps=norm_eps)
-            self.c_layernorm = nn.RMSNorm(d_state, eps=norm_eps)
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = (
+                nn.RMSNorm(size, eps=norm_eps) for size in (r, d_state, d_state))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(d, 1))
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, d_model, bias=False)
@@ -271,17 +262,17 @@ class MambaBlock(nn.Module):
         # Delta's projection: weights of its input's scale, and bias = softplus^-1(dt), so that the
         # first step sizes dt = softplus(bias) cover [1e-3, 1e-1] log-uniformly, as in the reference.
         nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
-        dt = torch.exp(torch.rand(d) * math.log(100) + math.log(0.001)).clamp(min=1e-4)
+        dt = (0.001 * 100 ** torch.rand(d)).clamp(min=1e-4)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
         if scan in ("auto", "fused"):
             _fused()                              # built or found now, not inside a torch.compile trace
 
     def _conv(self, x, fused):
-        """silu(causal depthwise conv1d(x)): (b, l, d) -> (b, l, d), t reading x_{t-k+1..t}."""
+        """silu(causal depthwise conv1d(x)): (b, d, l) -> (b, d, l), t reading x_{t-k+1..t}."""
         if fused:
-            return _fused().causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias)
-        return F.silu(self.conv1d(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+            return _fused().causal_conv(x.mT, self.conv1d.weight[:, 0], self.conv1d.bias).mT
+        return F.silu(self.conv1d(x)[..., :x.shape[2]])
 
     def _delta_B_C(self, x):
         """The selection mechanism (Algorithm 2, lines 3-5): x (..., d) -> Delta before its bias
@@ -301,22 +292,21 @@ class MambaBlock(nn.Module):
         zeros. mask (b, l), 1 at tokens and 0 at pads: pads are zeroed before in_proj and after the
         conv (as in transformers' Jamba), so that pads before a row's tokens leave its state alone."""
         l, k = x.shape[1], self.d_conv
-        keep = None if mask is None else mask.unsqueeze(-1).to(x.dtype)   # (b, l, 1)  0 at pads
+        keep = None if mask is None else mask[:, None].to(x.dtype)       # (b, 1, l)  0 at pads
         scan = _scan_function(self.scan, x.device)
-        x_in, z = self.in_proj(x if keep is None else x * keep).chunk(2, dim=-1)   # (b, l, d) each
+        x_in, z = self.in_proj(x if keep is None else x * keep.mT).mT.chunk(2, dim=1)   # (b, d, l) each
         if state is not None:                                           # the conv's inputs before x's
-            x_in = torch.cat([state[0][:, :, 1:].transpose(1, 2), x_in], dim=1)   # (b, k - 1 + l, d)
-        x_conv = self._conv(x_in, fused=scan is selective_scan_fused)[:, -l:]    # (b, l, d)
+            x_in = torch.cat([state[0][..., 1:], x_in], dim=2)          # (b, d, k - 1 + l)
+        x_conv = self._conv(x_in, fused=scan is selective_scan_fused)[..., -l:]   # (b, d, l)
         if keep is not None:
             x_conv = x_conv * keep
-        delta, B, C = self._delta_B_C(x_conv)                           # (b, l, d), (b, l, n) twice
+        delta, B, C = (t.mT for t in self._delta_B_C(x_conv.mT))        # (b, d, l), (b, n, l) twice
         A = -torch.exp(self.A_log.to(torch.promote_types(x.dtype, torch.float32)))   # (d, n)
-        # (b, d, l), (b, d, n): Algorithm 2 and the gate y * silu(z) of Figure 3
-        y, h = scan(x_conv.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                    C.transpose(1, 2), self.D, z.transpose(1, 2), self.dt_proj.bias, True, True,
+        # (b, d, l), (b, d, n): Algorithm 2, and the gate y * silu(z) of Figure 3
+        y, h = scan(x_conv, delta, A, B, C, self.D, z, self.dt_proj.bias, True, True,
                     None if state is None else state[1])
-        conv_state = F.pad(x_in[:, -k:].transpose(1, 2), (k - min(k, x_in.shape[1]), 0))  # (b, d, k)
-        return self.out_proj(y.transpose(1, 2)), (conv_state, h)       # (b, l, m)
+        conv_state = F.pad(x_in[..., -k:], (k - min(k, x_in.shape[2]), 0))   # (b, d, k)
+        return self.out_proj(y.mT), (conv_state, h)                     # (b, l, m)
 
     def step(self, x, state):
         """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and the
@@ -324,15 +314,16 @@ class MambaBlock(nn.Module):
         the new state): Figure 3 at one position, the sequential scan's loop body once; O(1)."""
         conv_state, h = state
         x_in, z = self.in_proj(x).chunk(2, dim=-1)                      # (b, d) each
-        conv_state = torch.cat([conv_state[:, :, 1:], x_in.unsqueeze(-1)], dim=-1)   # (b, d, k)
+        conv_state = torch.cat([conv_state[..., 1:], x_in[..., None]], dim=-1)   # (b, d, k)
         x_conv = F.silu(torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0])
                         + self.conv1d.bias)                             # (b, d)
         delta, B, C = self._delta_B_C(x_conv)                           # (b, d), (b, n), (b, n)
-        u, B, C, z = (t.to(h.dtype) for t in (x_conv, B, C, z))
-        delta = F.softplus(delta.to(h.dtype) + self.dt_proj.bias.to(h.dtype))          # (b, d)
-        dA = torch.exp(delta.unsqueeze(-1) * -torch.exp(self.A_log.to(h.dtype)))      # (b, d, n)
-        h = dA * h + (delta * u).unsqueeze(-1) * B.unsqueeze(1)         # (b, d, n)  Eq. (2a)
-        y = torch.einsum("bdn,bn->bd", h, C) + self.D.to(h.dtype) * u  # (b, d)  Eq. (2b), + D u
+        u, delta, B, C, z, bias, A_log, D = (t.to(h.dtype) for t in (
+            x_conv, delta, B, C, z, self.dt_proj.bias, self.A_log, self.D))
+        delta = F.softplus(delta + bias)                                # (b, d)
+        dA = torch.exp(delta[..., None] * -torch.exp(A_log))            # (b, d, n)  A-bar
+        h = dA * h + (delta * u)[..., None] * B[:, None]                # (b, d, n)  Eq. (2a)
+        y = torch.einsum("bdn,bn->bd", h, C) + D * u                    # (b, d)  Eq. (2b), + D u
         return self.out_proj((y * F.silu(z)).to(x.dtype)), (conv_state, h)
 
 
@@ -383,19 +374,17 @@ class AttentionBlock(nn.Module):
                         num_key_value_heads=num_key_value_heads)
         self.nhead, self.num_key_value_heads = nhead, num_key_value_heads or nhead
         self.head_size, self.dropout, self.rotary = d_model // nhead, dropout, rotary
-        self.max_seq_length = max_seq_length
+        self.max_seq_length, g_e = max_seq_length, self.num_key_value_heads * self.head_size
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, self.num_key_value_heads * self.head_size, bias=False)
-        self.v_proj = nn.Linear(d_model, self.num_key_value_heads * self.head_size, bias=False)
+        self.k_proj = nn.Linear(d_model, g_e, bias=False)
+        self.v_proj = nn.Linear(d_model, g_e, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
 
     def _qkv(self, x, positions):
         """x (b, l, m) at rotary positions (b, l) -> q (b, h, l, e), k and v (b, g, l, e)."""
-        b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, -1, self.head_size).transpose(1, 2)   # (b, h, l, e)
-        k = self.k_proj(x).view(b, l, -1, self.head_size).transpose(1, 2)   # (b, g, l, e)
-        v = self.v_proj(x).view(b, l, -1, self.head_size).transpose(1, 2)   # (b, g, l, e)
+        q, k, v = (proj(x).unflatten(-1, (-1, self.head_size)).transpose(1, 2)   # (b, h or g, l, e)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.rotary:
             q, k = _rotary(q, positions), _rotary(k, positions)
         return q, k, v
@@ -405,7 +394,7 @@ class AttentionBlock(nn.Module):
         mask (b, 1, l, s), True where a query may attend -> (b, l, m)."""
         y = F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0,
                                            is_causal, enable_gqa=k.shape[1] != q.shape[1])
-        return self.resid_dropout(self.o_proj(y.transpose(1, 2).flatten(2)))
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).flatten(2)))   # (b, l, m)
 
     def forward(self, x, mask=None):
         """x (b, l, m) -> (b, l, m): each position attends to itself and the positions before it (l is
@@ -428,19 +417,19 @@ class AttentionBlock(nn.Module):
         state = self._append(state, k, v, is_token, first + is_token.sum(-1, keepdim=True), pads)
         s = min(state.length - l, self.max_seq_length - 1) + l          # the steps x's queries see
         seen = slice(state.length - s, state.length)
-        behind = torch.arange(s - l, s, device=x.device)[:, None] - torch.arange(s, device=x.device)
-        # (b, 1, l, s): a token at most max_seq_length - 1 steps back, and itself (else a pad's query
-        # would see nothing: its output is not used)
-        visible = (behind >= 0) & (behind < self.max_seq_length) & state.is_token[:, :, seen].mT
+        causal = torch.ones(l, s, dtype=torch.bool, device=x.device).tril(s - l)   # (l, s)
+        # (b, 1, l, s): the tokens among the last max_seq_length steps, and itself (else a pad's
+        # query would see nothing: its output is not used)
+        visible = causal.triu(s - l - self.max_seq_length + 1) & state.is_token[:, :, seen].mT
         return self._attend(q, state.keys[:, :, seen], state.values[:, :, seen],
-                            visible | (behind == 0)), state
+                            visible | causal.triu(s - l)), state
 
     def step(self, x, state):
         """One token x (b, m) and its cache -> (out (b, m), the cache, appended to in place): prefill
         for one query, over the last max_seq_length steps; masked only where the cache has pads."""
         q, k, v = self._qkv(x.unsqueeze(1), state.next_position)        # (b, h, 1, e), (b, g, 1, e)
-        is_token = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)           # (b, 1)
-        state = self._append(state, k, v, is_token, state.next_position + 1, state.pads)
+        token = state.next_position >= 0                                # (b, 1)  True
+        state = self._append(state, k, v, token, state.next_position + 1, state.pads)
         seen = slice(max(0, state.length - self.max_seq_length), state.length)
         mask = state.is_token[:, :, seen].mT if state.pads else None     # (b, 1, 1, s)
         return self._attend(q, state.keys[:, :, seen], state.values[:, :, seen], mask)[:, 0], state
@@ -505,16 +494,12 @@ class MixtureOfExperts(nn.Module):
         self.router_probs = F.softmax(self.router(tokens), dim=-1,
                                       dtype=torch.promote_types(x.dtype, torch.float32))   # (t, E)
         weights, chosen = self.router_probs.topk(self.num_experts_per_tok, dim=-1)   # (t, K) each
-        # Sort the t K (token, expert) pairs by expert: each expert's tokens are one slice.
-        order = chosen.flatten().argsort()                              # (t K,)
-        per_expert = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        token_of = (order // self.num_experts_per_tok).split(per_expert)   # E slices of token ids
-        weight_of = weights.flatten()[order].to(x.dtype).unsqueeze(-1).split(per_expert)  # (t_e, 1)
         out = torch.zeros_like(tokens)                                  # (t, m)
-        for expert, token_index, weight in zip(self.experts, token_of, weight_of):
+        for e, expert in enumerate(self.experts):
+            token, k = (chosen == e).nonzero(as_tuple=True)             # (t_e,) the tokens that chose e
             # An expert no token chose still runs, on no rows, so that its weights get a zero
             # gradient rather than none (which DistributedDataParallel takes for an unused one).
-            out.index_add_(0, token_index, weight * expert(tokens[token_index]))   # (t_e, m)
+            out.index_add_(0, token, weights[token, k, None].to(x.dtype) * expert(tokens[token]))
         return out.view_as(x)
 
 
@@ -623,7 +608,8 @@ class Jamba(nn.Module):
     output head. Jamba(config) with a JambaConfig, or Jamba(**settings) with its fields.
     model.layer_pattern shows the mixers ('M' Mamba, 'A' attention), model.mlp_pattern the
     feed-forwards ('D' dense, 'E' experts); after a forward, model.aux_loss is the load-balancing
-    term (None without experts)."""
+    term (None without experts). Jamba.from_pretrained and model.save_pretrained read and write the
+    public Jamba checkpoint format (section 9)."""
 
     def __init__(self, config=None, **settings):
         super().__init__()
@@ -632,12 +618,12 @@ class Jamba(nn.Module):
                                             c.attn_layer_period, c.attn_layer_offset)
         self.mlp_pattern = "".join("E" if c.num_experts > 1 and i % c.expert_layer_period ==
                                    c.expert_layer_offset else "D" for i in range(len(self.layer_pattern)))
-        first_mamba = (self.layer_pattern + "M").index("M")
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(JambaLayer(
             MambaBlock(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, True, c.rms_norm_eps, c.scan)
             if kind == "M" else AttentionBlock(c.d_model, c.nhead, c.dropout, c.max_seq_length,
-                                               c.rotary and i < first_mamba, c.num_key_value_heads),
+                                               c.rotary and "M" not in self.layer_pattern[:i],
+                                               c.num_key_value_heads),
             MixtureOfExperts(c.d_model, c.dim_feedforward, c.num_experts, c.num_experts_per_tok,
                              c.dropout) if mlp == "E" else MLP(c.d_model, c.dim_feedforward, c.dropout),
             c.d_model, c.rms_norm_eps) for i, (kind, mlp) in enumerate(zip(self.layer_pattern,
@@ -652,9 +638,8 @@ class Jamba(nn.Module):
         # so that its variance does not grow with depth.
         for name, module in self.named_modules():
             if isinstance(module, (nn.Embedding, nn.Linear)) and not name.endswith("dt_proj"):
-                residual = name.endswith(("out_proj", "o_proj", "down_proj"))
-                nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * len(self.layers)) if residual
-                                else 0.02)
+                nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * len(self.layers)) if
+                                name.endswith(("out_proj", "o_proj", "down_proj")) else 0.02)
 
     def extra_repr(self):
         return f"layer_pattern={self.layer_pattern!r}, mlp_pattern={self.mlp_pattern!r}"
@@ -753,21 +738,6 @@ class Jamba(nn.Module):
                 logits, states = self.step(token, states)
         return torch.cat([idx, *(token[:, None].to(idx.dtype) for token in new_tokens)], dim=1)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None):
-        """A JambaForCausalLM checkpoint from a local directory (config.json and model.safetensors, or
-        the shards model.safetensors.index.json lists; nothing is downloaded), with exactly its plan,
-        in its stored dtype unless dtype is given, in eval mode. Needs safetensors (section 9)."""
-        return _from_pretrained(cls, Path(path), dtype)
-
-    def save_pretrained(self, path, special_token_ids=None, files=None):
-        """Write a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that
-        transformers and from_pretrained read; special_token_ids ({"eos_token_id": 2}; all None by
-        default) go into config.json, files ({name: text}, a tokenizer.json say) beside them. Written
-        whole or not at all; what the format cannot express raises first. Needs safetensors
-        (section 9). Returns the path."""
-        return _save_pretrained(self, Path(path), special_token_ids, files or {})
-
 
 def pad_prompts(prompts, pad_id=0):
     """Prompts of different lengths as one left-padded batch for generate: a list of 1-D tensors of
@@ -776,8 +746,7 @@ def pad_prompts(prompts, pad_id=0):
     _check_prompts(prompts)
     l = max(map(len, prompts))
     idx = torch.stack([F.pad(p, (l - len(p), 0), value=pad_id) for p in prompts])   # (b, l)
-    attention_mask = torch.stack([F.pad(torch.ones_like(p), (l - len(p), 0)) for p in prompts])
-    return idx, attention_mask
+    return idx, torch.stack([F.pad(torch.ones_like(p), (l - len(p), 0)) for p in prompts])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -789,7 +758,9 @@ def pad_prompts(prompts, pad_id=0):
 def _check_settings(**s):
     """Every setting's rule, in one place: the blocks, JambaConfig and generate give theirs by name."""
     for name, value in s.items():
-        if name in ("dropout", "scan", "rotary", "temperature") or (name, value) in (
+        if name not in ("vocab_size d_model num_mamba_layers num_transformer_layers nhead dim_feedforward "
+                        "max_seq_length d_state d_conv expand dt_rank num_key_value_heads num_experts "
+                        "num_experts_per_tok max_new_tokens top_k").split() or (name, value) in (
                 ("dt_rank", "auto"), ("num_key_value_heads", None), ("top_k", None)):
             continue
         low = 0 if name in ("num_mamba_layers", "num_transformer_layers", "max_new_tokens") else 1
@@ -817,11 +788,8 @@ def _check_config(c, settings=None):
     layers, periods, offsets. Returns it."""
     if not isinstance(c, JambaConfig) or settings:
         raise TypeError("Jamba takes a JambaConfig or its fields as keyword arguments, not both")
-    _check_settings(**{name: getattr(c, name) for name in (
-        "vocab_size", "dim_feedforward", "max_seq_length", "num_mamba_layers", "num_transformer_layers",
-        "d_model", "d_state", "d_conv", "expand", "dt_rank", "scan", "nhead", "dropout",
-        "num_key_value_heads", "num_experts")}, rotary=False,
-        num_experts_per_tok=c.num_experts_per_tok if c.num_experts > 1 else 1)
+    _check_settings(**dict(dataclasses.asdict(c), rotary=False,
+                           num_experts_per_tok=c.num_experts_per_tok if c.num_experts > 1 else 1))
     n = c.num_mamba_layers + c.num_transformer_layers
     if n == 0:
         raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0 layers")
@@ -855,16 +823,13 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
         if not isinstance(value, torch.Tensor) and (value is not None or name in "u delta A B C"):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if u.dim() != 3 or u.shape[2] == 0:
-        raise ValueError(f"u must have shape (b, d, l) with at least one time step (l >= 1), got "
-                         f"{tuple(u.shape)}")
-    (b, d, l), n = u.shape, A.shape[-1]
-    if A.shape != (d, n) or A.is_complex():
-        raise ValueError(f"A must be a real tensor of shape (d={d}, n), got {tuple(A.shape)} {A.dtype}")
-    for name, shape in dict(delta=(b, d, l), B=(b, n, l), C=(b, n, l), z=(b, d, l), D=(d,),
-                            delta_bias=(d,), initial_state=(b, d, n)).items():
-        if given[name] is not None and given[name].shape != shape:
-            raise ValueError(f"{name} must have shape {shape} (u is (b, d, l) = {tuple(u.shape)}, A is "
-                             f"(d, n) = {tuple(A.shape)}), got {tuple(given[name].shape)}")
+        raise ValueError(f"u must have shape (b, d, l) with at least one time step (l >= 1)")
+    size = dict(zip("bdln", (*u.shape, A.shape[-1])))                  # the glossary's letters
+    for name, letters in dict(A="dn", delta="bdl", B="bnl", C="bnl", z="bdl", D="d", delta_bias="d",
+                              initial_state="bdn").items():
+        shape = tuple(size[letter] for letter in letters)
+        if given[name] is not None and (given[name].shape != shape or given[name].is_complex()):
+            raise ValueError(f"{name} must have shape {shape}, real (u is (b, d, l) = {tuple(u.shape)})")
 
 
 def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=None,
@@ -873,27 +838,23 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     inputs_embeds (b, l, m) in the model's dtype; targets and attention_mask (1 for tokens, 0 for
     pads, bool or int, as transformers takes it) of shape (b, l); states as prefill or step returned
     them. Returns the mask as bool, or None."""
-    x, m, dtype = inputs_embeds, model.config.d_model, model.embed_tokens.weight.dtype
-    if (idx is None) == (x is None) or return_hidden and targets is not None:
+    c, embeds = model.config, inputs_embeds is not None
+    if (idx is None) != embeds or return_hidden and targets is not None:
         raise ValueError("give exactly one of idx (token ids) and inputs_embeds (vectors), not both or"
                          " neither" if targets is None else "return_hidden=True gives hidden states, "
                          "not logits: there is no loss for targets")
-    if x is not None and getattr(x, "dtype", None) != dtype:
-        raise TypeError(f"inputs_embeds must be a torch.Tensor of the model's dtype {dtype}, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x is not None and (x.dim() != 3 or x.shape[1] == 0 or x.shape[2] != m):
-        raise ValueError(f"inputs_embeds must have shape (b, l, d_model={m}) with l >= 1, got "
-                         f"{tuple(x.shape)}")
-    if x is None and getattr(idx, "dtype", None) not in (torch.int64, torch.int32):
-        raise TypeError(f"idx must be a torch.Tensor of token ids, torch.int64 or torch.int32, got "
-                        f"{getattr(idx, 'dtype', type(idx).__name__)}")
-    if x is None and (idx.dim() != 2 or idx.shape[1] == 0):
-        raise ValueError(f"idx must have shape (b, l) with l >= 1 (not an empty sequence), got "
-                         f"{tuple(idx.shape)}")
-    if x is None and (idx.min() < 0 or idx.max() >= model.config.vocab_size):
+    name, x = ("inputs_embeds", inputs_embeds) if embeds else ("idx", idx)
+    dtypes = [model.embed_tokens.weight.dtype] if embeds else [torch.int64, torch.int32]
+    if getattr(x, "dtype", None) not in dtypes:
+        raise TypeError(f"{name} must be a torch.Tensor of " + (f"the model's dtype {dtypes[0]}" if embeds
+                        else "token ids, torch.int64 or torch.int32") + f", got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2 + embeds or x.shape[1] == 0 or embeds and x.shape[2] != c.d_model:
+        raise ValueError(f"{name} must have shape (b, l{f', d_model={c.d_model}' * embeds}) with l >= 1, "
+                         f"got {tuple(x.shape)} (no empty sequence)")
+    if not embeds and (idx.min() < 0 or idx.max() >= c.vocab_size):
         raise ValueError(f"idx holds ids in [{idx.min().item()}, {idx.max().item()}], outside "
-                         f"[0, vocab_size={model.config.vocab_size})")
-    shape = idx.shape if x is None else x.shape[:2]
+                         f"[0, vocab_size={c.vocab_size})")
+    shape = x.shape[:2]
     if max_length and shape[1] > max_length:
         raise ValueError(f"sequence length {shape[1]} is over max_seq_length={max_length}")
     for name, value in (("targets", targets), ("attention_mask", attention_mask)):
@@ -905,7 +866,7 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     if attention_mask is not None and (attention_mask.is_floating_point() or (
             (attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError(f"attention_mask must hold only 1 (token) and 0 (pad) as bool or int, got "
-                         f"{attention_mask.dtype} {attention_mask.unique().tolist()[:4]}")
+                         f"{attention_mask.dtype}")
     if attention_mask is not None and not attention_mask.any():
         raise ValueError("attention_mask marks every position as a pad: there is no token to read")
     return None if attention_mask is None else attention_mask.bool()
@@ -914,18 +875,13 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
 def _check_states(model, states, b):
     """states as prefill or step returned them, for this model and a batch of b sequences."""
     if not isinstance(states, (list, tuple)) or len(states) != len(model.layers):
-        got = f"{len(states)} states" if isinstance(states, (list, tuple)) else type(states).__name__
         raise ValueError(f"states must be the list of {len(model.layers)} layer states that prefill "
-                         f"or step returned, got {got}")
+                         "or step returned")
     for i, (layer, state) in enumerate(zip(model.layers, states)):
-        mixer = layer.mixer
-        if isinstance(mixer, MambaBlock):
-            fits = isinstance(state, tuple) and [getattr(t, "shape", ()) for t in state] == [
-                (b, mixer.d_inner, mixer.d_conv), (b, mixer.d_inner, mixer.d_state)]
-        else:
-            fits = isinstance(state, AttentionCache) and state.keys.shape[:2] == (
-                b, mixer.num_key_value_heads) and state.keys.shape[3] == mixer.head_size
-        if not fits:
+        mixer, mamba = layer.mixer, isinstance(layer.mixer, MambaBlock)
+        shape = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
+        if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
+                getattr(state[1], "shape", ())[:len(shape)] != shape:
             raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) for a "
                              f"batch of {b}: give the states this model's prefill or step returned")
 
@@ -934,8 +890,7 @@ def _check_step(model, token, inputs_embeds):
     """step's vectors, where it is given vectors. Token ids are taken as they are: checking each one
     would cost more than the step on a GPU (reading a value back waits for the device)."""
     if inputs_embeds is not None and getattr(inputs_embeds, "ndim", 0) != 2:
-        raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape "
-                         "(b, m)")
+        raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape (b, m)")
     if token is None or inputs_embeds is not None:
         _check_inputs(model, token, inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None])
 
@@ -944,7 +899,7 @@ def _check_generate(model, idx, max_new_tokens, temperature, top_k, attention_ma
     """generate's settings and prompt, its attention_mask left-padded: the mask as bool, or None."""
     _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     mask = _check_inputs(model, idx, attention_mask=attention_mask)
-    if mask is not None and ((mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all()):
+    if mask is not None and not (mask[:, -1].all() and torch.equal(mask, mask.cummax(1).values)):
         raise ValueError("attention_mask must be left-padded for generate: each row's pads (0) before "
                          "its tokens (1), and a token last; pad_prompts(prompts, pad_id) makes one")
     return mask
@@ -1022,9 +977,9 @@ _HF_CONFIG_NAMES = dict(
     d_model="hidden_size", dim_feedforward="intermediate_size", nhead="num_attention_heads",
     max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
     expand="mamba_expand", dt_rank="mamba_dt_rank", **{name: name for name in (
-        "vocab_size", "num_key_value_heads", "num_experts", "num_experts_per_tok", "expert_layer_period",
-        "expert_layer_offset", "router_aux_loss_coef", "attn_layer_period", "attn_layer_offset",
-        "tie_word_embeddings", "rms_norm_eps")})
+        "vocab_size num_key_value_heads num_experts num_experts_per_tok expert_layer_period "
+        "expert_layer_offset router_aux_loss_coef attn_layer_period attn_layer_offset "
+        "tie_word_embeddings rms_norm_eps").split()})
 _HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
 _HF_DEFAULTS = dict(
     vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -1058,12 +1013,14 @@ def _hf_names(model):
     return names
 
 
-def _from_pretrained(cls, path, dtype):
-    """Jamba.from_pretrained: built on the meta device, the model takes the checkpoint's tensors as
-    its parameters (one copy in memory). Experts come one by one (experts.{e}.gate_proj, the released
-    files) or stacked in two tensors per layer (experts.gate_up_proj and down_proj, as recent
-    transformers keeps them)."""
-    config, files = _read_hf_config(path)
+def _from_pretrained(cls, path, dtype=None):
+    """A JambaForCausalLM checkpoint from a local directory (config.json and model.safetensors, or the
+    shards model.safetensors.index.json lists; nothing is downloaded), with exactly its plan, in its
+    stored dtype unless dtype is given, in eval mode; needs safetensors. Built on the meta device, the
+    model takes the checkpoint's tensors as its parameters (one copy in memory). Experts come one by
+    one (experts.{e}.gate_proj, the released files) or stacked in two tensors per layer
+    (experts.gate_up_proj and down_proj, as recent transformers keeps them)."""
+    config, files = _read_hf_config(Path(path))
     load_file = _safetensors().load_file
     hf_state = {key: value for file in files for key, value in load_file(file).items()}
     for key in [key for key in hf_state if key.endswith(".experts.gate_up_proj")]:
@@ -1077,13 +1034,11 @@ def _from_pretrained(cls, path, dtype):
         model = cls(config)
     if config.tie_word_embeddings:                # the embedding's tensor, stored twice or not
         hf_state.pop("lm_head.weight", None)
-    state, shapes = {}, {key: value.shape for key, value in model.state_dict().items()}
+    state, shapes = {}, {key: value.shape for key, value in model.state_dict().items()}   # meta
     for key, name in _hf_names(model).items():
         if name not in hf_state:
-            raise ValueError(f"layer {key.split('.')[1]}: cannot read its experts: expected {name} "
-                             "(released files) or experts.gate_up_proj (transformers)"
-                             if ".experts." in name else f"the checkpoint has no tensor {name!r}, which"
-                             " its config.json implies")
+            raise ValueError(f"the checkpoint has no tensor {name!r}, which its config.json implies"
+                             + " (nor experts.gate_up_proj)" * (".experts." in name))
         if hf_state[name].shape != shapes[key]:
             raise ValueError(f"{name} has shape {tuple(hf_state[name].shape)} in the checkpoint, but "
                              f"its config.json gives it {tuple(shapes[key])}")
@@ -1125,15 +1080,14 @@ def _read_hf_config(path):
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from None
     index = path / "model.safetensors.index.json"
-    files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()}) \
-        if index.is_file() else [path / "model.safetensors"]
-    if not any(file.is_file() for file in files):
-        raise ValueError(f"path {str(path)!r} has neither model.safetensors nor "
-                         "model.safetensors.index.json")
-    if not all(file.is_file() for file in files):
-        raise ValueError(f"{index}: lists shards that are not in the directory: "
-                         f"{[file.name for file in files if not file.is_file()]}")
-    return config, files
+    names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {
+        "model.safetensors"}
+    missing = sorted(name for name in names if not (path / name).is_file())
+    if missing:
+        raise ValueError(f"{index}: lists shards that are not in the directory: {missing}" if
+                         index.is_file() else f"path {str(path)!r} has neither "
+                         "model.safetensors nor model.safetensors.index.json")
+    return config, [path / name for name in sorted(names)]
 
 
 def _hf_config(model, special_token_ids):
@@ -1164,9 +1118,13 @@ def _hf_config(model, special_token_ids):
             **(special_token_ids or {})}
 
 
-def _save_pretrained(model, path, special_token_ids, files):
-    """Jamba.save_pretrained: written whole into a temporary directory beside path, then renamed."""
-    hf_config = _hf_config(model, special_token_ids)
+def _save_pretrained(model, path, special_token_ids=None, files=None):
+    """Write a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that transformers
+    and from_pretrained read; special_token_ids ({"eos_token_id": 2}; all None by default) go into
+    config.json, files ({name: text}, a tokenizer.json say) beside them; needs safetensors. Written
+    whole into a temporary directory beside path, then renamed: never half a checkpoint; what the
+    format cannot express raises first. Returns the path."""
+    hf_config, path = _hf_config(model, special_token_ids), Path(path)
     save_file, state = _safetensors().save_file, model.state_dict()
     tensors = {name: state[key].detach().contiguous().cpu() for key, name in _hf_names(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1174,14 +1132,15 @@ def _save_pretrained(model, path, special_token_ids, files):
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name, text in files.items():
+        for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        old = path.with_name(f".{path.name}-old-{os.getpid()}")
-        if path.exists():
-            path.rename(old)
+        if path.exists():                         # never half a checkpoint: the old one, or the new
+            shutil.rmtree(path)
         tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+Jamba.from_pretrained, Jamba.save_pretrained = classmethod(_from_pretrained), _save_pretrained

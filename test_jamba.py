@@ -244,7 +244,7 @@ def test_scan_rejects_bad_arguments(any_scan):
     good = {k: v.detach() for k, v in make_scan_inputs(0, 2, 3, 4, 5, torch.float32, with_state=True).items()}
     bad_cases = [
         (dict(u=good["u"][0]), ValueError, "u must have shape"),
-        (dict(A=good["A"].t()), ValueError, "A must be a real tensor"),
+        (dict(A=good["A"].t()), ValueError, r"A must have shape \(3, 3\), real"),
         (dict(B=good["B"][..., :-1]), ValueError, "B must have shape"),
         (dict(C=good["C"][:, :-1]), ValueError, "C must have shape"),
         (dict(delta=good["delta"][:1]), ValueError, "delta must have shape"),
@@ -1266,7 +1266,8 @@ def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tm
         (checkpoint("shape", tensor_changes={"model.layers.0.mamba.A_log": torch.zeros(64, 4)}),
          r"model.layers.0.mamba.A_log has shape \(64, 4\) in the checkpoint, but its config.json gives it \(64, 8\)"),
         (checkpoint("layout", tensor_changes={**experts, "model.layers.1.feed_forward.w1": torch.zeros(4, 48, 32)}),
-         r"layer 1: cannot read its experts"),
+         r"no tensor 'model.layers.1.feed_forward.experts.0.gate_proj.weight', which its config.json implies "
+         r"\(nor experts.gate_up_proj\)"),
         (checkpoint("extra", tensor_changes={"model.layers.0.extra.weight": torch.zeros(2)}),
          "1 tensors its config.json does not account for"),
     ]
