@@ -1,12 +1,14 @@
 """The specification of JAMBA.py: property tests (hypothesis) and unit tests (pytest). Its sections follow
 JAMBA.py's (1-7), then train_tiny.py, the benchmarks and the notebook."""
 
+import ast
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,13 +19,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import JAMBA
 import train_tiny
-from JAMBA import (MLP, AttentionBlock, AttentionCache, Jamba, JambaConfig, MambaBlock, MixtureOfExperts, _rotary,
-                   layer_schedule, load_balancing_loss, pad_prompts, selective_scan_sequential)
-
+from JAMBA import (
+    MLP,
+    AttentionBlock,
+    AttentionCache,
+    Jamba,
+    JambaConfig,
+    MambaBlock,
+    MixtureOfExperts,
+    _rotary,
+    layer_schedule,
+    load_balancing_loss,
+    pad_prompts,
+    selective_scan_sequential,
+)
 
 # Derandomised: every run of the suite draws the same examples. To draw others, HYPOTHESIS_PROFILE=jamba-seeded with
 # --hypothesis-seed=N (derandomize would ignore the seed; no example database, so each seed stands alone).
@@ -46,11 +60,11 @@ def make_scan_inputs(seed, b, d, n, l, dtype, with_D=True, with_z=True, with_bia
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype)
 
-    inputs = dict(u=randn(b, d, l), delta=torch.rand(b, d, l, generator=g, dtype=dtype) * delta_scale,
-                  A=-torch.rand(d, n, generator=g, dtype=dtype) * A_scale, B=randn(b, n, l), C=randn(b, n, l),
-                  D=randn(d) if with_D else None, z=randn(b, d, l) if with_z else None,
-                  delta_bias=torch.rand(d, generator=g, dtype=dtype) * 0.5 if with_bias else None,  # delta >= 0
-                  initial_state=randn(b, d, n) if with_state else None)
+    inputs = {"u": randn(b, d, l), "delta": torch.rand(b, d, l, generator=g, dtype=dtype) * delta_scale,
+              "A": -torch.rand(d, n, generator=g, dtype=dtype) * A_scale, "B": randn(b, n, l), "C": randn(b, n, l),
+              "D": randn(d) if with_D else None, "z": randn(b, d, l) if with_z else None,
+              "delta_bias": torch.rand(d, generator=g, dtype=dtype) * 0.5 if with_bias else None,  # delta >= 0
+              "initial_state": randn(b, d, n) if with_state else None}
     return {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
 
 
@@ -115,8 +129,8 @@ scan_shapes = st.tuples(st.integers(1, 3), st.one_of(st.integers(1, 8), st.sampl
                         st.integers(1, 8), scan_lengths)
 
 
-scan_flags = st.fixed_dictionaries(dict(with_D=st.booleans(), with_z=st.booleans(), with_bias=st.booleans(),
-                                        with_state=st.booleans(), delta_softplus=st.booleans()))
+scan_flags = st.fixed_dictionaries({"with_D": st.booleans(), "with_z": st.booleans(), "with_bias": st.booleans(),
+                                    "with_state": st.booleans(), "delta_softplus": st.booleans()})
 
 
 def require_fused():
@@ -145,22 +159,22 @@ def any_scan(request):
 
 def run_python(code, **env):
     """code in a fresh Python process with these environment variables: (exit status, stdout, stderr)."""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
                             env={**os.environ, **env}, cwd=Path(__file__).parent)
     return result.returncode, result.stdout, result.stderr
 
 
 def tiny_jamba(num_mamba_layers=3, num_transformer_layers=1, max_seq_length=24, seed=0, **kwargs):
     torch.manual_seed(seed)
-    return Jamba(**{**dict(vocab_size=11, d_model=16, num_mamba_layers=num_mamba_layers,
-                           num_transformer_layers=num_transformer_layers, nhead=2, dim_feedforward=32,
-                           max_seq_length=max_seq_length, d_state=4), **kwargs})
+    return Jamba(**{"vocab_size": 11, "d_model": 16, "num_mamba_layers": num_mamba_layers,
+                    "num_transformer_layers": num_transformer_layers, "nhead": 2, "dim_feedforward": 32,
+                    "max_seq_length": max_seq_length, "d_state": 4, **kwargs})
 
 
 # The hybrid, the two baselines, and the hybrid as Jamba has it: experts every other layer, grouped-query attention.
-MODEL_VARIANTS = {"hybrid": dict(), "transformer": dict(num_mamba_layers=0, num_transformer_layers=2),
-                  "mamba": dict(num_mamba_layers=2, num_transformer_layers=0),
-                  "jamba": dict(nhead=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)}
+MODEL_VARIANTS = {"hybrid": {}, "transformer": {"num_mamba_layers": 0, "num_transformer_layers": 2},
+                  "mamba": {"num_mamba_layers": 2, "num_transformer_layers": 0},
+                  "jamba": {"nhead": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,20 +257,20 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32(any_scan):
 def test_scan_rejects_bad_arguments(any_scan):
     good = {k: v.detach() for k, v in make_scan_inputs(0, 2, 3, 4, 5, torch.float32, with_state=True).items()}
     bad_cases = [
-        (dict(u=good["u"][0]), ValueError, "u must have shape"),
-        (dict(A=good["A"].t()), ValueError, r"A must have shape \(3, 3\), real"),
-        (dict(B=good["B"][..., :-1]), ValueError, "B must have shape"),
-        (dict(C=good["C"][:, :-1]), ValueError, "C must have shape"),
-        (dict(delta=good["delta"][:1]), ValueError, "delta must have shape"),
-        (dict(D=good["D"][:-1]), ValueError, "D must have shape"),
-        (dict(initial_state=good["initial_state"][:, :, :-1]), ValueError, "initial_state must have shape"),
-        (dict(z=[1.0]), TypeError, "z must be a torch.Tensor"),
-        (dict(u=good["u"].tolist()), TypeError, "u must be a torch.Tensor"),
-        (dict(u=good["u"][..., :0], delta=good["delta"][..., :0], B=good["B"][..., :0], C=good["C"][..., :0],
-              z=good["z"][..., :0]), ValueError, "at least one time step"),
+        ({"u": good["u"][0]}, ValueError, "u must have shape"),
+        ({"A": good["A"].t()}, ValueError, r"A must have shape \(3, 3\), real"),
+        ({"B": good["B"][..., :-1]}, ValueError, "B must have shape"),
+        ({"C": good["C"][:, :-1]}, ValueError, "C must have shape"),
+        ({"delta": good["delta"][:1]}, ValueError, "delta must have shape"),
+        ({"D": good["D"][:-1]}, ValueError, "D must have shape"),
+        ({"initial_state": good["initial_state"][:, :, :-1]}, ValueError, "initial_state must have shape"),
+        ({"z": [1.0]}, TypeError, "z must be a torch.Tensor"),
+        ({"u": good["u"].tolist()}, TypeError, "u must be a torch.Tensor"),
+        ({"u": good["u"][..., :0], "delta": good["delta"][..., :0], "B": good["B"][..., :0], "C": good["C"][..., :0],
+          "z": good["z"][..., :0]}, ValueError, "at least one time step"),
     ]
     if any_scan is JAMBA.selective_scan_fused:           # it reads raw memory: CPU tensors only
-        bad_cases.append((dict(C=good["C"].to("meta")), ValueError,
+        bad_cases.append(({"C": good["C"].to("meta")}, ValueError,
                           r"runs on CPU tensors, got tensors on \['cpu', 'meta'\]"))
     for change, error, message in bad_cases:
         with pytest.raises(error, match=message):
@@ -314,7 +328,7 @@ def test_jamba_py_alone_trains_with_the_parallel_scan_and_says_once_why(tmp_path
             "    losses.append(loss.item())\n"
             "assert JAMBA._scan_function('auto', idx.device) is JAMBA.selective_scan_parallel\n"
             "print(losses[-1] < 0.5 * losses[0])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120, cwd=tmp_path,
                             env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr
     assert result.stderr == ("JAMBA: the fused selective scan is not available: kernels/fused.py is not beside "
@@ -571,6 +585,65 @@ def test_load_balancing_loss_is_K_for_a_uniform_router_and_grows_when_unbalanced
     torch.testing.assert_close(load_balancing_loss([a, b], 2), E * (f * P).sum())
 
 
+def copied_out(names):
+    """The definitions names of JAMBA.py, taken from its source by name (ast) and run in a fresh namespace that has
+    JAMBA.py's import lines only: what someone who copies them into a file of their own gets."""
+    source = Path(JAMBA.__file__).read_text()
+    tree = ast.parse(source)
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    found = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert set(names) <= found.keys(), set(names) - found.keys()
+    namespace = {"__name__": "copied"}
+    for node in [*imports, *(found[name] for name in names)]:
+        exec(compile(ast.Module([node], []), "copied.py", "exec"), namespace)
+    return namespace
+
+
+def readme_copy_lists():
+    """README's table of what to copy along with each block: {block: [names]}."""
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", Path(__file__).with_name("README.md").read_text(), re.M)
+    return {block: [block, *re.findall(r"`(\w+)`", along)] for block, along in rows}
+
+
+def test_a_block_copied_out_with_what_readme_lists_runs_as_in_jamba():
+    """Each block README says can be copied, with exactly the definitions it lists (at most three helpers besides the
+    scans), runs in a fresh namespace and gives the full module's results: the parallel scan and its gradients; the
+    Mamba block's forward, prefill and step (parallel and sequential scans); the attention block's (rotary, GQA);
+    the mixture of experts' forward."""
+    lists = readme_copy_lists()
+    scans = {"selective_scan_sequential", "selective_scan_parallel", "selective_scan_fused", "_ParallelSelectiveScan",
+             "_odd_even_scan_", "_check_scan_args"}
+    assert lists.keys() == {"selective_scan_parallel", "MambaBlock", "AttentionBlock", "MixtureOfExperts"}
+    assert all(len(set(names[1:]) - scans - {"MLP", "load_balancing_loss"}) <= 3 for names in lists.values())
+    inputs = make_scan_inputs(0, 2, 5, 3, 40, torch.float64, with_state=True)
+    copy = copied_out(lists["selective_scan_parallel"])["selective_scan_parallel"]
+    copied, ours = (scan_and_grads(scan, inputs, delta_softplus=True) for scan in (copy, JAMBA.selective_scan_parallel))
+    assert torch.equal(copied[0], ours[0]) and torch.equal(copied[1], ours[1])
+    assert all(torch.equal(copied[2][name], ours[2][name]) for name in inputs)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    blocks = {"MambaBlock": [dict(d_model=16, d_state=4, inner_layernorms=True, scan=scan) for scan in
+                             ("parallel", "sequential")],
+              "AttentionBlock": [dict(d_model=16, nhead=4, max_seq_length=6, rotary=True, num_key_value_heads=2)],
+              "MixtureOfExperts": [dict(d_model=16, dim_feedforward=24, num_experts=3, num_experts_per_tok=2)]}
+    for name, settings_list in blocks.items():
+        copy = copied_out(lists[name])
+        for settings in settings_list:
+            results = []
+            for cls in (copy[name], getattr(JAMBA, name)):
+                torch.manual_seed(0)
+                block = cls(**settings).double().eval()
+                with torch.no_grad():
+                    result = [block(x)]
+                    if hasattr(block, "step"):
+                        y, state = block.prefill(x[:, :5])
+                        result.append(y)
+                        for t in range(5, 9):
+                            y, state = block.step(x[:, t], state)
+                            result.append(y)
+                results.append(result)
+            assert all(torch.equal(a, b) for a, b in zip(*results)), (name, settings)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. The layer plan and the Jamba model
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,19 +685,19 @@ def test_layer_plan_by_period_and_offset_as_the_public_jamba_config():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_mamba_layers=0, num_transformer_layers=0), "at least 1"),
-    (dict(num_mamba_layers=-1), "num_mamba_layers"), (dict(d_model=15), "multiple of nhead"),
-    (dict(vocab_size=0), "vocab_size"), (dict(dropout=1.0), "dropout"), (dict(scan="fast"), "scan must be"),
-    (dict(max_seq_length=2.5), "max_seq_length"), (dict(num_experts=0), "num_experts must be a positive int"),
-    (dict(num_experts=4, num_experts_per_tok=5), r"num_experts_per_tok must be an int in \[1, num_experts=4\]"),
-    (dict(nhead=4, num_key_value_heads=3), "nhead must be a multiple of num_key_value_heads"),
-    (dict(num_experts=4, expert_layer_period=4, expert_layer_offset=3), "expert_layer_offset=3 places no layer"),
-    (dict(num_experts=4, expert_layer_offset=2), "0 <= offset < period, got 2 and 2"),
-    (dict(attn_layer_period=1, attn_layer_offset=0), "place 2 attention layers among 2"),
-    (dict(attn_layer_period=8), "together, or neither")])
+    ({"num_mamba_layers": 0, "num_transformer_layers": 0}, "at least 1"),
+    ({"num_mamba_layers": -1}, "num_mamba_layers"), ({"d_model": 15}, "multiple of nhead"),
+    ({"vocab_size": 0}, "vocab_size"), ({"dropout": 1.0}, "dropout"), ({"scan": "fast"}, "scan must be"),
+    ({"max_seq_length": 2.5}, "max_seq_length"), ({"num_experts": 0}, "num_experts must be a positive int"),
+    ({"num_experts": 4, "num_experts_per_tok": 5}, r"num_experts_per_tok must be an int in \[1, num_experts=4\]"),
+    ({"nhead": 4, "num_key_value_heads": 3}, "nhead must be a multiple of num_key_value_heads"),
+    ({"num_experts": 4, "expert_layer_period": 4, "expert_layer_offset": 3}, "expert_layer_offset=3 places no layer"),
+    ({"num_experts": 4, "expert_layer_offset": 2}, "0 <= offset < period, got 2 and 2"),
+    ({"attn_layer_period": 1, "attn_layer_offset": 0}, "place 2 attention layers among 2"),
+    ({"attn_layer_period": 8}, "together, or neither")])
 def test_model_rejects_bad_config(kwargs, message):
-    config = dict(vocab_size=11, d_model=16, num_mamba_layers=1, num_transformer_layers=1, nhead=2,
-                  dim_feedforward=32, max_seq_length=8)
+    config = {"vocab_size": 11, "d_model": 16, "num_mamba_layers": 1, "num_transformer_layers": 1, "nhead": 2,
+              "dim_feedforward": 32, "max_seq_length": 8}
     with pytest.raises(ValueError, match=message):
         Jamba(**{**config, **kwargs})
     with pytest.raises(TypeError, match="not both"):
@@ -858,8 +931,8 @@ def test_generation_past_max_seq_length_slides_a_window():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=1, temperature=-1.0), "temperature"),
-    (dict(max_new_tokens=1, top_k=0), "top_k")])
+    ({"max_new_tokens": -1}, "max_new_tokens"), ({"max_new_tokens": 1, "temperature": -1.0}, "temperature"),
+    ({"max_new_tokens": 1, "top_k": 0}, "top_k")])
 def test_generate_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_jamba().generate(torch.zeros(1, 2, dtype=torch.long), **kwargs)
@@ -1095,25 +1168,25 @@ def test_inputs_embeds_are_checked_with_one_line():
 # greedy tokens (left-padded too); what save_pretrained writes loads in transformers and round-trips; every bad
 # checkpoint and every model the format cannot express gets a one-line error.
 
-HF_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
-                 max_position_embeddings=64, rms_norm_eps=1e-5, use_mamba_kernels=False, eos_token_id=None,
-                 pad_token_id=None, bos_token_id=None)
+HF_COMMON = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2,
+             "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "use_mamba_kernels": False, "eos_token_id": None,
+             "pad_token_id": None, "bos_token_id": None}
 
 
 HF_CONFIGS = {
     # Jamba's own plan, shrunk: attention at layer 4 of 8, 4 experts top-2 every other layer, 4 query heads on 2
     # key/value heads, an untied head.
-    "jamba": dict(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4, num_experts=4, num_experts_per_tok=2,
-                  expert_layer_period=2, expert_layer_offset=1, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=False),
+    "jamba": {"num_hidden_layers": 8, "attn_layer_period": 8, "attn_layer_offset": 4, "num_experts": 4, "num_experts_per_tok": 2,
+              "expert_layer_period": 2, "expert_layer_offset": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "tie_word_embeddings": False},
     # Attention at layer 0 (no Mamba layer before it, and still no positional encoding), top-1 experts from layer 0,
     # a tied head.
-    "attention_first": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=0, num_experts=3,
-                            num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=0, num_attention_heads=4,
-                            num_key_value_heads=4, tie_word_embeddings=True),
+    "attention_first": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 0, "num_experts": 3,
+                        "num_experts_per_tok": 1, "expert_layer_period": 2, "expert_layer_offset": 0, "num_attention_heads": 4,
+                        "num_key_value_heads": 4, "tie_word_embeddings": True},
     # Dense MLPs only, one key/value head.
-    "dense": dict(num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=2, num_experts=1, num_attention_heads=4,
-                  num_key_value_heads=1, tie_word_embeddings=False),
+    "dense": {"num_hidden_layers": 4, "attn_layer_period": 4, "attn_layer_offset": 2, "num_experts": 1, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "tie_word_embeddings": False},
 }
 
 
@@ -1266,8 +1339,8 @@ def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tm
         (checkpoint("shape", tensor_changes={"model.layers.0.mamba.A_log": torch.zeros(64, 4)}),
          r"model.layers.0.mamba.A_log has shape \(64, 4\) in the checkpoint, but its config.json gives it \(64, 8\)"),
         (checkpoint("layout", tensor_changes={**experts, "model.layers.1.feed_forward.w1": torch.zeros(4, 48, 32)}),
-         r"no tensor 'model.layers.1.feed_forward.experts.0.gate_proj.weight', which its config.json implies "
-         r"\(nor experts.gate_up_proj\)"),
+         (r"no tensor 'model.layers.1.feed_forward.experts.0.gate_proj.weight', which its config.json implies "
+          r"\(nor experts.gate_up_proj\)")),
         (checkpoint("extra", tensor_changes={"model.layers.0.extra.weight": torch.zeros(2)}),
          "1 tensors its config.json does not account for"),
     ]
@@ -1278,7 +1351,7 @@ def test_from_pretrained_rejects_bad_checkpoints_with_one_line(hf_checkpoint, tm
 
 
 # The variants Jamba's format expresses: rotary positions cannot be, so the plain transformer has none.
-SAVE_VARIANTS = {"hybrid": dict(), "jamba": dict(MODEL_VARIANTS["jamba"], tie_word_embeddings=False),
+SAVE_VARIANTS = {"hybrid": {}, "jamba": dict(MODEL_VARIANTS["jamba"], tie_word_embeddings=False),
                  "mamba": MODEL_VARIANTS["mamba"], "transformer": dict(MODEL_VARIANTS["transformer"], rotary=False)}
 
 
@@ -1361,7 +1434,7 @@ TINY_FLAGS = ["--device", "cpu", "--d_model", "16", "--num_mamba_layers", "1", "
 
 def train(out, corpus, *extra, check=True):
     result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--data", str(corpus), "--out", str(out),
-                             *TINY_FLAGS, *extra], capture_output=True, text=True, timeout=120)
+                             *TINY_FLAGS, *extra], capture_output=True, text=True, check=False, timeout=120)
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -1479,7 +1552,7 @@ def test_compile_trains_as_eager_does(corpus, tmp_path, capsys, monkeypatch):
 def test_sample_from_checkpoint(full_run):
     out, _ = full_run
     result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
-                             "--max-new-tokens", "40", "--device", "cpu"], capture_output=True, text=True, timeout=60)
+                             "--max-new-tokens", "40", "--device", "cpu"], capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("the ") and "chars/s" in result.stdout
     assert len(result.stdout.split("\n\n[")[0]) == 44
@@ -1545,6 +1618,75 @@ class RunsCode:
         return (Path.touch, (self.path,))
 
 
+# The names JAMBA.py gave TINY_FLAGS' model (layers "MA") before it took the public Jamba code's, December 2026:
+# read off that version of JAMBA.py, in state_dict order.
+OLD_TINY_NAMES = [
+    "embedding.weight", "layers.0.mixer_norm.weight", "layers.0.mixer.A_log", "layers.0.mixer.D",
+    "layers.0.mixer.in_proj.weight", "layers.0.mixer.conv1d.weight", "layers.0.mixer.conv1d.bias",
+    "layers.0.mixer.x_proj.weight", "layers.0.mixer.dt_proj.weight", "layers.0.mixer.dt_proj.bias",
+    "layers.0.mixer.dt_layernorm.weight", "layers.0.mixer.b_layernorm.weight", "layers.0.mixer.c_layernorm.weight",
+    "layers.0.mixer.out_proj.weight", "layers.0.mlp_norm.weight", "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight", "layers.1.mixer_norm.weight",
+    "layers.1.mixer.qkv_proj.weight", "layers.1.mixer.out_proj.weight", "layers.1.mlp_norm.weight",
+    "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight", "layers.1.mlp.down_proj.weight", "norm.weight",
+    "lm_head.weight"]
+
+
+def old_format(ckpt):
+    """ckpt as JAMBA.py wrote it before the renames: the old names, and q, k, v stacked in one qkv_proj, in the
+    weights and in AdamW's moments (kept by position: the positions of q, k and v become one)."""
+    renames = [("embed_tokens.", "embedding."), ("final_layernorm.", "norm."), ("input_layernorm", "mixer_norm"),
+               ("pre_ff_layernorm", "mlp_norm"), ("feed_forward", "mlp"), ("o_proj", "out_proj"), ("q_proj", "qkv_proj")]
+
+    def old(name):
+        for new, was in renames:
+            name = name.replace(new, was)
+        return name
+    model = Jamba(**ckpt["config"])
+    stacked = lambda name, get: torch.cat([get(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")])
+    weights = {old(key): stacked(key, ckpt["model"].get) if ".q_proj." in key else value
+               for key, value in ckpt["model"].items() if ".k_proj." not in key and ".v_proj." not in key}
+    names = {id(p): name for name, p in model.named_parameters()}
+    positions = [names[id(p)] for group in train_tiny.make_optimizer(model, 1.0, 0.1).param_groups for p in group["params"]]
+    moments = dict(zip(positions, (ckpt["optimizer"]["state"][i] for i in range(len(positions)))))
+    kept = [name for name in positions if ".k_proj." not in name and ".v_proj." not in name]
+    state = {i: {key: stacked(name, lambda n, key=key: moments[n][key]) if value.dim() and ".q_proj." in name else value
+                 for key, value in moments[name].items()} for i, name in enumerate(kept)}
+    groups, start = [], 0
+    for group in ckpt["optimizer"]["param_groups"]:
+        count = sum(".k_proj." not in positions[i] and ".v_proj." not in positions[i] for i in group["params"])
+        groups.append({**group, "params": list(range(start, start + count))})
+        start += count
+    return {**ckpt, "model": weights, "optimizer": {"state": state, "param_groups": groups}}
+
+
+def test_a_checkpoint_from_before_the_renames_samples_resumes_and_exports(corpus, tmp_path, capsys):
+    """A ckpt.pt with the old module names (as JAMBA.py wrote them until December 2026): --sample gives today's
+    text, --resume ends exactly where the same run resumed from today's checkpoint ends, --export writes it."""
+    flags = ("--max-iters", "20", "--eval-interval", "10")
+    train_here(tmp_path / "today", corpus, capsys, *flags)
+    ckpt = torch.load(tmp_path / "today" / "ckpt.pt", weights_only=True)
+    old = old_format(ckpt)
+    assert list(old["model"]) == OLD_TINY_NAMES
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    sample = ["--sample", "--temperature", "0", "--max-new-tokens", "30", "--prompt", "the "]
+    texts = []
+    for run in ("today", "old"):
+        assert train_tiny.main([*sample, "--out", str(tmp_path / run)]) is None
+        texts.append(capsys.readouterr().out.split("\n\n[")[0])
+    assert texts[0] == texts[1] and len(texts[0]) == 34
+    for run in ("today", "old"):
+        train_here(tmp_path / run, corpus, capsys, "--max-iters", "30", "--eval-interval", "10", "--resume")
+    expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("today", "old"))
+    assert actual["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(actual["model"][key], value) for key, value in expected["model"].items())
+    for index, moments in expected["optimizer"]["state"].items():
+        assert all(torch.equal(actual["optimizer"]["state"][index][key], value) for key, value in moments.items())
+    assert train_tiny.main(["--out", str(tmp_path / "old"), "--export", str(tmp_path / "exported")]) == 0
+    assert Jamba.from_pretrained(tmp_path / "exported").layer_pattern == "MA"
+
+
 def test_weight_decay_spares_A_log_D_norms_and_biases():
     model = tiny_jamba()
     decayed, spared = train_tiny.make_optimizer(model, 1e-3, 0.1).param_groups
@@ -1560,7 +1702,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_at_the_end_of_the_run():
     args = train_tiny.parse_args(["--lr", "1.0", "--warmup-iters", "10", "--max-iters", "110"])
     rates = [train_tiny.learning_rate(step, 0.0, args) for step in range(110)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
     assert train_tiny.learning_rate(110, 0.0, args) == pytest.approx(0.1)
     assert rates[60] == pytest.approx(0.55)
     # With a time budget the schedule ends at the budget when that comes before --max-iters.
@@ -1615,7 +1757,7 @@ def torchrun(out, corpus, *extra):
     """train_tiny.py in 2 processes on this machine (gloo on CPU), as `torchrun --nproc_per_node=2` runs it."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              TRAIN_SCRIPT, "--data", str(corpus), "--out", str(out), *TINY_FLAGS, *extra],
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, check=False, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -1669,12 +1811,12 @@ def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_pa
     out, _ = full_run
     exported = tmp_path / "exported"
     result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--out", str(out), "--export", str(exported)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
     sample = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
                              "--max-new-tokens", "40", "--temperature", "0", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, check=False, timeout=60)
     assert sample.returncode == 0, sample.stderr
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     hf_model = transformers.JambaForCausalLM.from_pretrained(exported)
@@ -1747,7 +1889,7 @@ def test_fine_tune_a_released_format_checkpoint(hf_to_fine_tune, corpus, tmp_pat
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     assert all(torch.equal(resumed["model"][key], value) for key, value in ckpt["model"].items())
     sample = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(tmp_path / "whole"), "--prompt",
-                             "the mamba", "--max-new-tokens", "8", "--device", "cpu"], capture_output=True, text=True,
+                             "the mamba", "--max-new-tokens", "8", "--device", "cpu"], capture_output=True, text=True, check=False,
                             timeout=60)
     assert sample.returncode == 0 and sample.stdout.startswith("the mamba") and "tokens/s" in sample.stdout
     exported = tmp_path / "exported"
@@ -1803,7 +1945,7 @@ def test_benchmark_smoke(script):
         pytest.importorskip("statsmodels", reason="forecast.py's data and ARIMA come from statsmodels (.ci/run "
                             "installs it)")
     path = Path(__file__).with_name("benchmarks") / script
-    result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch" in result.stdout and "threads" in result.stdout   # the machine line
 

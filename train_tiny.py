@@ -36,8 +36,8 @@ from JAMBA import Jamba, JambaConfig
 
 STDLIB_CORPUS_CHARS = 2_000_000
 # The model's defaults here, where they differ from JambaConfig's: a model that learns in minutes on a CPU.
-MODEL_DEFAULTS = dict(d_model=128, num_mamba_layers=3, num_transformer_layers=1, nhead=4, dim_feedforward=256,
-                      max_seq_length=256, d_state=8, expand=1)
+MODEL_DEFAULTS = {"d_model": 128, "num_mamba_layers": 3, "num_transformer_layers": 1, "nhead": 4, "dim_feedforward": 256,
+                  "max_seq_length": 256, "d_state": 8, "expand": 1}
 MODEL_HELP = {"d_state": "small for a CPU: the scan's cost grows with d_state * expand",
               "num_experts": "above 1: mixture-of-experts MLPs (see --expert_layer_period/offset)",
               "num_key_value_heads": "grouped-query attention; None: --nhead",
@@ -185,7 +185,7 @@ class Codec:
         def encodes(ch):
             try:
                 ids = self.tokenizer.encode(ch).ids
-            except Exception:                          # a tokenizer with no unknown token raises instead
+            except Exception:  # noqa: BLE001   a tokenizer with no unknown token raises, each its own way
                 return False
             return bool(ids) and unk_id not in ids
         return [ch for ch in sorted(set(text)) if not ch.isspace() and not encodes(ch)]
@@ -281,7 +281,7 @@ def pick_device(name):
 def start_processes(device_name):
     """(device, world size): one process, or under torchrun (which sets WORLD_SIZE) a process group, gloo on CPU
     and nccl on CUDA, where each rank takes the GPU of its LOCAL_RANK."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
     if world_size > 1:
         if device.type == "cuda":
@@ -333,11 +333,51 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"config", "model", "vocab", "step"} - set(ckpt)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001   whatever torch.load or the unpickler raises: one line
         raise UsageError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:80]})") from None
     if missing:
         raise UsageError(f"{path}: not a train_tiny.py checkpoint (missing {sorted(missing)})")
-    return ckpt
+    return upgrade_checkpoint(ckpt)
+
+
+def upgrade_checkpoint(ckpt):
+    """A checkpoint written before JAMBA.py took the public Jamba code's module names (December 2026), as
+    today's: its tensors renamed, and each attention layer's qkv_proj (q, k and v stacked) split into q_proj,
+    k_proj and v_proj, in the weights and in AdamW's moments, so that it samples, exports and resumes exactly."""
+    if "embedding.weight" not in ckpt["model"]:
+        return ckpt
+    model = Jamba(**ckpt["config"])
+    renames = [("embed_tokens.", "embedding."), ("final_layernorm.", "norm."), (".input_layernorm.", ".mixer_norm."),
+               (".pre_ff_layernorm.", ".mlp_norm."), (".feed_forward.", ".mlp."), (".o_proj.", ".out_proj.")]
+
+    def old_name(name):
+        """(the old name of a tensor, which third of it when it was q, k or v stacked, else None)."""
+        for new, old in renames:
+            name = name.replace(new, old) if name.startswith(new) or new.startswith(".") else name
+        part = next((i for i, p in enumerate(("q_proj", "k_proj", "v_proj")) if f".{p}." in name), None)
+        return (name if part is None else name.replace(("q_proj", "k_proj", "v_proj")[part], "qkv_proj")), part
+
+    def piece(name, tensor):
+        """The part of an old tensor that name now holds (a tensor of the new parameter's shape)."""
+        part = old_name(name)[1]
+        if part is None or not tensor.dim():                     # AdamW's step count: one per parameter
+            return tensor
+        mixer = model.get_submodule(name.rsplit(".", 2)[0])
+        return tensor.split([mixer.q_proj.out_features, *2 * [mixer.k_proj.out_features]])[part]
+
+    state = {name: piece(name, ckpt["model"][old_name(name)[0]]) for name in model.state_dict()}
+    # AdamW's state is kept by position in its parameter groups; the groups are rebuilt from today's names.
+    groups = [[name for name, p in model.named_parameters() if (p.dim() >= 2 and not name.endswith("A_log")) == decay]
+              for decay in (True, False)]
+    old_order = list(dict.fromkeys(old_name(name)[0] for group in groups for name in group))
+    optimizer, new_state, start = ckpt["optimizer"], {}, 0
+    for group, old_group in zip(groups, optimizer["param_groups"]):
+        for i, name in enumerate(group, start):
+            saved = optimizer["state"].get(old_order.index(old_name(name)[0]))
+            if saved is not None:
+                new_state[i] = {key: piece(name, value).clone() for key, value in saved.items()}   # own step
+        old_group["params"], start = list(range(start, start + len(group))), start + len(group)
+    return {**ckpt, "model": state, "optimizer": {"state": new_state, "param_groups": optimizer["param_groups"]}}
 
 
 @torch.no_grad()
@@ -372,7 +412,7 @@ def read_init_from(path):
         codec = Codec(tokenizer_json=files["tokenizer.json"])
     except ImportError as err:
         raise UsageError(f"--init-from needs the {err.name} package: pip install safetensors tokenizers") from None
-    except Exception as err:                              # a ValueError from the loader, or a broken tokenizer
+    except Exception as err:  # noqa: BLE001   a ValueError from the loader, or a broken tokenizer
         raise UsageError(f"--init-from {path}: {str(err).splitlines()[0][:300]}") from None
     special = {key: config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return model, codec, files, special
@@ -582,9 +622,9 @@ def progress_bar(run, rank):
     """Seconds of the budget under --time-budget, steps otherwise; only on a terminal, as in a log the evaluation
     lines tell the progress."""
     args = run.args
-    counts = (dict(total=round(args.time_budget), initial=round(run.seconds_before), unit="s",
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
-              if args.time_budget is not None else dict(total=args.max_iters, initial=run.step, unit="step"))
+    counts = ({"total": round(args.time_budget), "initial": round(run.seconds_before), "unit": "s",
+               "bar_format": "{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]"}
+              if args.time_budget is not None else {"total": args.max_iters, "initial": run.step, "unit": "step"})
     return tqdm(**counts, dynamic_ncols=True, mininterval=1.0, disable=rank != 0 or not sys.stderr.isatty())
 
 
@@ -661,7 +701,7 @@ def train_main(args, device, rank=0, world_size=1):
 
 
 def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     try:
         args = parse_args(argv)
         if args.sample:

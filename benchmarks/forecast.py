@@ -27,9 +27,9 @@ import time
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
-
 from _common import machine, pyplot, save_figure, write_table
+from torch import nn
+
 from JAMBA import Jamba
 from train_tiny import make_optimizer
 
@@ -79,8 +79,8 @@ def network(plan, d_model, parameters, dropout):
     """A Forecaster of the plan whose parameter count is the nearest to `parameters`: the MLPs' width solved for it
     (the count is linear in dim_feedforward)."""
     mamba, attention = PLANS[plan]
-    settings = dict(d_model=d_model, num_mamba_layers=mamba, num_transformer_layers=attention, nhead=4,
-                    max_seq_length=CONTEXT, dropout=dropout)
+    settings = {"d_model": d_model, "num_mamba_layers": mamba, "num_transformer_layers": attention, "nhead": 4,
+                "max_seq_length": CONTEXT, "dropout": dropout}
 
     def count(dim_feedforward):
         return sum(p.numel() for p in Forecaster(dim_feedforward=dim_feedforward, **settings).parameters())
@@ -233,7 +233,7 @@ def main():
     plt = pyplot()
     if plt is None:
         return
-    fig, (ax_series, ax_horizon) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw=dict(width_ratios=[2, 1]))
+    fig, (ax_series, ax_horizon) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     months = series.index
     test_months = [o for o in data.test if months[o].month == 12]               # six forecasts tile 1996-2001
     shown = slice(test_months[0] - 24, len(series))

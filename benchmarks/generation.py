@@ -17,8 +17,8 @@ import statistics
 import time
 
 import torch
-
 from _common import machine, median_ms, pyplot, save_figure, write_table
+
 from JAMBA import Jamba, layer_schedule
 
 

@@ -15,18 +15,18 @@ import tempfile
 import time
 
 import torch
+from _common import machine  # first: it puts the repository on sys.path
 
-from _common import machine              # first: it puts the repository on sys.path
 import train_tiny
 from JAMBA import selective_scan_parallel, selective_scan_sequential
 
 
 def scan_inputs(b, d, n, l, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    x = dict(u=torch.randn(b, d, l, generator=g), delta=torch.rand(b, d, l, generator=g),
-             A=-torch.rand(d, n, generator=g) * 3, B=torch.randn(b, n, l, generator=g),
-             C=torch.randn(b, n, l, generator=g), D=torch.randn(d, generator=g), z=torch.randn(b, d, l, generator=g),
-             delta_bias=torch.rand(d, generator=g), initial_state=torch.randn(b, d, n, generator=g))
+    x = {"u": torch.randn(b, d, l, generator=g), "delta": torch.rand(b, d, l, generator=g),
+         "A": -torch.rand(d, n, generator=g) * 3, "B": torch.randn(b, n, l, generator=g),
+         "C": torch.randn(b, n, l, generator=g), "D": torch.randn(d, generator=g), "z": torch.randn(b, d, l, generator=g),
+         "delta_bias": torch.rand(d, generator=g), "initial_state": torch.randn(b, d, n, generator=g)}
     return {k: v.to(device, dtype).requires_grad_() for k, v in x.items()}
 
 

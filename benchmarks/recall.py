@@ -21,14 +21,14 @@ import statistics
 import time
 
 import torch
-
 from _common import machine, pyplot, save_figure, write_table
+
 from JAMBA import Jamba
 from train_tiny import make_optimizer
 
-VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=2),
-            "mamba": dict(num_mamba_layers=2, num_transformer_layers=0),
-            "hybrid": dict(num_mamba_layers=1, num_transformer_layers=1)}
+VARIANTS = {"transformer": {"num_mamba_layers": 0, "num_transformer_layers": 2},
+            "mamba": {"num_mamba_layers": 2, "num_transformer_layers": 0},
+            "hybrid": {"num_mamba_layers": 1, "num_transformer_layers": 1}}
 
 
 def multi_query_recall(batch, length, num_pairs, vocab_size, generator):

@@ -18,9 +18,13 @@ import subprocess
 import sys
 
 import torch
-
 from _common import HERE, machine, median_ms, pyplot, save_figure, write_table
-from JAMBA import selective_scan_fused, selective_scan_parallel, selective_scan_sequential
+
+from JAMBA import (
+    selective_scan_fused,
+    selective_scan_parallel,
+    selective_scan_sequential,
+)
 
 SCANS = {"sequential": selective_scan_sequential, "parallel": selective_scan_parallel, "fused": selective_scan_fused}
 # train_tiny.py's Mamba layers (batch 16 x context 128, d_model 128, expand 1, d_state 8) and a wider, longer one.
@@ -32,9 +36,9 @@ def inputs(b, d, n, l):
 
     def channels_last(*shape):                       # (b, x, l) as a view of a (b, l, x) tensor
         return torch.randn(shape[0], shape[2], shape[1], generator=g).transpose(1, 2)
-    return dict(u=channels_last(b, d, l), delta=channels_last(b, d, l), A=-torch.rand(d, n, generator=g),
-                B=channels_last(b, n, l), C=channels_last(b, n, l), D=torch.randn(d, generator=g),
-                z=channels_last(b, d, l), delta_bias=torch.randn(d, generator=g))
+    return {"u": channels_last(b, d, l), "delta": channels_last(b, d, l), "A": -torch.rand(d, n, generator=g),
+            "B": channels_last(b, n, l), "C": channels_last(b, n, l), "D": torch.randn(d, generator=g),
+            "z": channels_last(b, d, l), "delta_bias": torch.randn(d, generator=g)}
 
 
 def forward_backward(scan, x):
@@ -80,8 +84,8 @@ def time_scans(b, d, n, l, repeats, names=tuple(SCANS)):
     row = {"l": l}
     for name in names:
         with torch.no_grad():
-            row[f"{name}_fwd"] = median_ms(lambda: SCANS[name](**x, delta_softplus=True), repeats)
-        row[f"{name}_fwdbwd"] = median_ms(lambda: forward_backward(SCANS[name], x), repeats)
+            row[f"{name}_fwd"] = median_ms(lambda scan=SCANS[name]: scan(**x, delta_softplus=True), repeats)
+        row[f"{name}_fwdbwd"] = median_ms(lambda scan=SCANS[name]: forward_backward(scan, x), repeats)
     row["floor"] = floor_ms(b * l * d * n, repeats)
     return row
 

@@ -27,14 +27,21 @@ import statistics
 import time
 
 import torch
-
 from _common import active_parameters, machine, pyplot, save_figure, write_table
-from JAMBA import MLP, AttentionBlock, Jamba, MambaBlock, selective_scan_fused, selective_scan_parallel
 
-TINY = dict(vocab_size=101, d_model=128, nhead=4, dim_feedforward=256, d_state=8, expand=1)   # train_tiny.py's
-VARIANTS = {"transformer": dict(num_mamba_layers=0, num_transformer_layers=4),
-            "hybrid": dict(num_mamba_layers=3, num_transformer_layers=1),
-            "mamba": dict(num_mamba_layers=4, num_transformer_layers=0)}
+from JAMBA import (
+    MLP,
+    AttentionBlock,
+    Jamba,
+    MambaBlock,
+    selective_scan_fused,
+    selective_scan_parallel,
+)
+
+TINY = {"vocab_size": 101, "d_model": 128, "nhead": 4, "dim_feedforward": 256, "d_state": 8, "expand": 1}   # train_tiny.py's
+VARIANTS = {"transformer": {"num_mamba_layers": 0, "num_transformer_layers": 4},
+            "hybrid": {"num_mamba_layers": 3, "num_transformer_layers": 1},
+            "mamba": {"num_mamba_layers": 4, "num_transformer_layers": 0}}
 PARALLEL = {"hybrid, parallel scan": dict(VARIANTS["hybrid"], scan="parallel")}   # table 1 only
 
 
@@ -71,9 +78,9 @@ def block_timers(tiny, batch, length):
     g = torch.Generator().manual_seed(0)
     def channels_last(width):                        # (b, width, l) as a view of (b, l, width), as the block has it
         return torch.randn(batch, length, width, generator=g).transpose(1, 2)
-    scan_inputs = dict(u=channels_last(d), delta=channels_last(d), A=-torch.rand(d, n, generator=g),
-                       B=channels_last(n), C=channels_last(n), D=torch.randn(d, generator=g), z=channels_last(d),
-                       delta_bias=torch.randn(d, generator=g))
+    scan_inputs = {"u": channels_last(d), "delta": channels_last(d), "A": -torch.rand(d, n, generator=g),
+                   "B": channels_last(n), "C": channels_last(n), "D": torch.randn(d, generator=g), "z": channels_last(d),
+                   "delta_bias": torch.randn(d, generator=g)}
 
     def scan(selective_scan):
         inputs = {name: value.detach().requires_grad_() for name, value in scan_inputs.items()}

@@ -62,7 +62,7 @@ def _build(compiler):
             # OpenMP for the threads and this CPU's vector instructions; failing that, one thread, then neither.
             for extra in (["-fopenmp", "-march=native"], ["-march=native"], []):
                 result = subprocess.run([compiler, *flags, *extra, str(SOURCE), "-o", f"{tmp}/built.so"],
-                                        capture_output=True, text=True)
+                                        capture_output=True, text=True, check=False)
                 if result.returncode == 0:
                     return Path(shutil.move(f"{tmp}/built.so", path))
     except OSError as err:
@@ -138,7 +138,7 @@ def _scan_backward_op_fake(u, delta, delta_bias, softplus, A, B, C, D_skip, z, s
 
 
 def _scan_setup(ctx, inputs, output):
-    u, delta, delta_bias, softplus, A, B, C, D_skip, z, h0 = inputs
+    u, delta, delta_bias, softplus, A, B, C, D_skip, z, _ = inputs
     ctx.save_for_backward(u, delta, delta_bias, A, B, C, D_skip, z, output[2])
     ctx.mark_non_differentiable(output[2])
     ctx.softplus = softplus
@@ -212,7 +212,7 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_
     if devices != {"cpu"}:
         raise ValueError(f"the fused selective scan runs on CPU tensors, got tensors on {sorted(devices)}: use "
                          "selective_scan_parallel (scan='parallel' or 'auto') there")
-    (b, d, l), n = u.shape, A.shape[1]
+    (b, d, _), n = u.shape, A.shape[1]
     compute, zeros = torch.promote_types(u.dtype, torch.float32), u.new_zeros(d)
     h0 = u.new_zeros(b, d, n) if initial_state is None else initial_state
     out, last, _ = torch.ops.jamba.selective_scan(_padded(u.mT, compute), _padded(delta.mT, compute),              # (b, l, D)
