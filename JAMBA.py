@@ -684,10 +684,11 @@ class Jamba(nn.Module):
         """The parallel pass of generation: idx (b, l), the tokens after those the states have read
         (or the first) -> (logits (b, l, v), states: (conv_state, h) per Mamba layer, an
         AttentionCache per attention layer). Pieces of any length, each read in parallel, give the
-        logits and states of reading the whole. attention_mask as in forward, left padding only;
+        logits and states of reading the whole. attention_mask as in forward, but left padding only
+        (pads before a row's tokens; a pad after them is refused, since it would change the state);
         inputs_embeds and return_hidden as in forward."""
         mask = _check_inputs(self, idx, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             states=states)
+                             states=states, left_padded=True)
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds   # (b, l, m)
         new_states = []
         for layer, state in zip(self.layers, states or [None] * len(self.layers)):
@@ -833,7 +834,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=None,
-                  return_hidden=False, states=None, max_length=None):
+                  return_hidden=False, states=None, max_length=None, left_padded=False):
     """forward's, prefill's, step's and generate's inputs: idx (b, l) ids in [0, vocab_size), or
     inputs_embeds (b, l, m) in the model's dtype; targets and attention_mask (1 for tokens, 0 for
     pads, bool or int, as transformers takes it) of shape (b, l); states as prefill or step returned
@@ -869,7 +870,12 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
                          f"{attention_mask.dtype}")
     if attention_mask is not None and not attention_mask.any():
         raise ValueError("attention_mask marks every position as a pad: there is no token to read")
-    return None if attention_mask is None else attention_mask.bool()
+    mask = None if attention_mask is None else attention_mask.bool()
+    # A pad after a token would decay the Mamba states and fill the conv window: not the tokens' state.
+    if left_padded and mask is not None and not torch.equal(mask, mask.cummax(1).values):
+        raise ValueError("attention_mask must be left-padded for generate and prefill: each row's pads (0) "
+                         "before its tokens (1); pad_prompts(prompts, pad_id) makes such a batch")
+    return mask
 
 
 def _check_states(model, states, b):
@@ -898,10 +904,9 @@ def _check_step(model, token, inputs_embeds):
 def _check_generate(model, idx, max_new_tokens, temperature, top_k, attention_mask):
     """generate's settings and prompt, its attention_mask left-padded: the mask as bool, or None."""
     _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-    mask = _check_inputs(model, idx, attention_mask=attention_mask)
-    if mask is not None and not (mask[:, -1].all() and torch.equal(mask, mask.cummax(1).values)):
-        raise ValueError("attention_mask must be left-padded for generate: each row's pads (0) before "
-                         "its tokens (1), and a token last; pad_prompts(prompts, pad_id) makes one")
+    mask = _check_inputs(model, idx, attention_mask=attention_mask, left_padded=True)
+    if mask is not None and not mask[:, -1].all():
+        raise ValueError("attention_mask must end every row with a token (1) for generate")
     return mask
 
 

@@ -3,6 +3,7 @@ JAMBA.py's (1-7), then train_tiny.py, the benchmarks and the notebook."""
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -232,6 +233,20 @@ def test_split_sequence_carries_state(any_scan, l, data, seed):
     torch.testing.assert_close(state2, whole_state, rtol=1e-10, atol=1e-10)
 
 
+def test_fast_scans_softplus_tail_in_float64(fast_scan):
+    """delta + delta_bias drawn across 15..21, where softplus(x) = x + log1p(exp(-x)) differs from x by 3e-7 to
+    8e-10: float64 sees the difference, so a scan whose softplus returned x too early (below torch's 20) is off by
+    far more than float64's rounding."""
+    inputs = make_scan_inputs(5, 2, 70, 3, 40, torch.float64, A_scale=0.05, with_state=True)
+    with torch.no_grad():
+        inputs["delta"].uniform_(15.0, 21.0)
+        inputs["delta_bias"].zero_()
+    expected, state = selective_scan_sequential(**inputs, delta_softplus=True, return_last_state=True)
+    out, last = fast_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert_relative(out, expected, 1e-12, "out")
+    assert_relative(last, state, 1e-12, "last state")
+
+
 @pytest.mark.parametrize("l", [1, 37, 256])
 def test_scan_finite_at_extremes(any_scan, l):
     """delta up to 1e2 and A down to -1e3: every decay exp(delta A) underflows to 0, nothing overflows."""
@@ -376,11 +391,23 @@ def test_mamba_block_compiles_whole_with_the_fused_scan():
 # The block is the same with every scan, its recurrent step (fused or not) continues its prefill exactly, and its
 # parameters, shapes and init are the reference's.
 
+def trained_like(block, seed=0):
+    """block with the values training gives what starts uniform: every RMSNorm weight, D, A_log per channel, the
+    conv and dt_proj biases drawn apart, so that a slip that swaps or drops one of them changes the result (fresh,
+    B's and C's norms are both 1 and interchangeable). Returns the block."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if name.endswith(("layernorm.weight", "D", "A_log", "conv1d.bias", "dt_proj.bias")):
+                param.add_(0.3 * torch.randn(param.shape, generator=g, dtype=param.dtype))
+    return block
+
+
 @pytest.mark.parametrize("d_model", [16, 70])
 def test_mamba_block_fast_scans_equal_sequential(fast_scan, d_model):
     """The whole block (with the fused scan, its causal conv kernel too): outputs, states and every gradient."""
     torch.manual_seed(0)
-    block = MambaBlock(d_model, d_state=4, d_conv=3, inner_layernorms=True).double()
+    block = trained_like(MambaBlock(d_model, d_state=4, d_conv=3, inner_layernorms=True).double())
     x = torch.randn(2, 33, d_model, dtype=torch.float64, requires_grad=True)
     results = []
     for scan in (fast_scan.__name__.removeprefix("selective_scan_"), "sequential"):
@@ -396,7 +423,7 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
     """Prefill `prompt` tokens in parallel, then step the rest one at a time: the full forward's outputs."""
     prompt = min(prompt, l)
     torch.manual_seed(seed)
-    block = MambaBlock(8, d_state=4, d_conv=3, inner_layernorms=True).double()
+    block = trained_like(MambaBlock(8, d_state=4, d_conv=3, inner_layernorms=True).double(), seed)
     x = torch.randn(3, l, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = block(x)
@@ -415,7 +442,7 @@ def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
     MambaBlock.step's arithmetic, done in small torch operations."""
     require_fused()
     torch.manual_seed(0)
-    block = MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms).to(dtype)
+    block = trained_like(MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms).to(dtype))
     x = torch.randn(3, 10, 24, dtype=dtype)
     results = []
     with torch.no_grad():
@@ -1031,6 +1058,42 @@ def test_prefill_in_pieces_equals_reading_whole_and_stepping(variant, data):
                 torch.testing.assert_close(part, expected_part, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["hybrid", "transformer", "jamba"])
+def test_pads_read_in_an_earlier_piece_stay_masked_when_stepping(variant):
+    """A left-padded batch read in two prefills, all its pads in the first piece and none in the second, then
+    stepped: each step's logits are those of reading the whole prompt at once, then stepping (the cache must keep
+    knowing that it holds pads after the piece without any)."""
+    model = tiny_jamba(**MODEL_VARIANTS[variant], max_seq_length=32).double().eval()
+    idx, mask = pad_prompts([torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 4)])
+    continuation = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(9))
+    runs = []
+    with torch.no_grad():
+        for cuts in ((0, 12), (0, 8, 12)):
+            states = None
+            for start, end in itertools.pairwise(cuts):
+                _, states = model.prefill(idx[:, start:end], states, mask[:, start:end])
+            steps = []
+            for t in range(6):
+                logits, states = model.step(continuation[:, t], states)
+                steps.append(logits)
+            runs.append(torch.stack(steps, 1))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_prefill_refuses_a_pad_after_a_token():
+    """A pad after a row's tokens would decay its Mamba state and fill its conv window with pads (as in
+    transformers' Jamba, issue 48256): prefill and generate refuse it in one line, before any work."""
+    model = tiny_jamba()
+    idx, trailing = torch.randint(0, 11, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    trailing[0, 7:] = 0
+    for call in (lambda: model.prefill(idx, attention_mask=trailing),
+                 lambda: model.generate(idx, 3, attention_mask=trailing)):
+        with pytest.raises(ValueError, match="must be left-padded for generate and prefill") as error:
+            call()
+        assert "\n" not in str(error.value)
+    model(idx, attention_mask=trailing)                    # forward takes any pattern: each position is its own
+
+
 def test_generate_reads_a_long_prompt_in_parallel_pieces():
     """A prompt of 3.5 x max_seq_length: generate's pieces give what reading max_seq_length, then stepping, gives."""
     model = tiny_jamba(1, 1, max_seq_length=8, rotary=True).double().eval()
@@ -1513,16 +1576,19 @@ def test_interrupted_run_resumes_exactly(full_run, corpus, tmp_path):
     assert [(h["step"], h["train"], h["val"]) for h in actual["history"]] == strip
 
 
-def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path, capsys):
+def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path, capsys, monkeypatch):
     """--dtype float16 (for GPUs without bf16), here on the CPU: float16 autocast, the loss scaled up before
-    backward and the gradients down before the step; the scaler's state is in the checkpoint, so resume is exact."""
+    backward and the gradients down before the step; the scaler's state is in the checkpoint, so resume is exact.
+    The scaler here grows every step (growth_interval=1), overflows and backs off, so its scale at step 5 is not
+    the initial one: a resume that forgot it would skip other steps and end elsewhere."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, growth_interval=1))
     flags = ("--dtype", "float16", "--eval-interval", "5")             # stopped at step 5, the end of the warm-up
     whole = train_here(tmp_path / "whole", corpus, capsys, *flags, "--max-iters", "10")
     assert "float16" in whole and "done: 10 steps" in whole
     train_here(tmp_path / "resumed", corpus, capsys, *flags, "--max-iters", "5")
     train_here(tmp_path / "resumed", corpus, capsys, *flags, "--max-iters", "10", "--resume")
     expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "resumed"))
-    assert expected["scaler"]["scale"] == actual["scaler"]["scale"] > 1
+    assert expected["scaler"] == actual["scaler"] and expected["scaler"]["scale"] != 2.0 ** 16
     assert expected["history"][-1]["val"] < math.log(len(expected["vocab"]))
     for key, value in expected["model"].items():
         assert torch.equal(actual["model"][key], value), key
@@ -1606,6 +1672,21 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "not a readable checkpoint" in err and err.count("\n") == 1, err
     assert not marker.exists()
+
+
+def test_every_checkpoint_read_goes_through_the_one_loader():
+    """A ckpt.pt is read in one place, train_tiny.load_checkpoint, with weights_only=True: no script, benchmark or
+    notebook cell calls torch.load itself, so that the promise that a checkpoint cannot run code holds everywhere."""
+    sources = {path: path.read_text() for path in Path(__file__).parent.glob("**/*.py")
+               if path.name != Path(__file__).name and ".venv" not in path.parts}
+    notebook = json.loads(NOTEBOOK.read_text())
+    sources[NOTEBOOK] = "\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    calls = []
+    for path, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                calls.append((path.name, ast.unparse(node)))
+    assert calls == [("train_tiny.py", "torch.load(path, map_location='cpu', weights_only=True)")], calls
 
 
 class RunsCode:
@@ -1806,7 +1887,8 @@ def test_two_processes_resume_a_mixture_of_experts(corpus, tmp_path):
 
 def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_path):
     """--export writes the run as a JambaForCausalLM directory with a character tokenizer: transformers'
-    AutoTokenizer and JambaForCausalLM generate, greedily, exactly what --sample --temperature 0 prints."""
+    AutoTokenizer and JambaForCausalLM generate, greedily, exactly what --sample --temperature 0 prints, up to the
+    model's max_seq_length of 32 (past it our attention slides its window, transformers' attends to everything)."""
     transformers = pytest.importorskip("transformers", reason="needs transformers (.ci/run installs it)")
     out, _ = full_run
     exported = tmp_path / "exported"
@@ -1815,13 +1897,13 @@ def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_pa
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
     sample = subprocess.run([sys.executable, TRAIN_SCRIPT, "--sample", "--out", str(out), "--prompt", "the ",
-                             "--max-new-tokens", "40", "--temperature", "0", "--device", "cpu"],
+                             "--max-new-tokens", "28", "--temperature", "0", "--device", "cpu"],
                             capture_output=True, text=True, check=False, timeout=60)
     assert sample.returncode == 0, sample.stderr
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     hf_model = transformers.JambaForCausalLM.from_pretrained(exported)
     idx = tokenizer("the ", return_tensors="pt").input_ids
-    generated = hf_model.generate(idx, max_new_tokens=40, do_sample=False)
+    generated = hf_model.generate(idx, max_new_tokens=28, do_sample=False)
     assert tokenizer.decode(generated[0]) == sample.stdout.split("\n\n[")[0]
 
 

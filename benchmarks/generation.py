@@ -10,9 +10,15 @@ Mamba and the hybrid are also timed with scan="parallel", whose Mamba layers ste
 instead of the fused library's one call (the same weights, in the same process, context by context).
 Then a prompt of 4 x max_seq_length tokens is read both ways generate has done it: max_seq_length in parallel and
 the rest token by token (before), and in parallel pieces of max_seq_length (now).
+
+    python benchmarks/generation.py --against ../old/JAMBA.py   # + that JAMBA.py's models, in turns with ours
+
+--against times another version of JAMBA.py (a git worktree of an earlier commit, say) in the same process, its
+models of the same sizes stepping in turns with these, so that a change's cost per token is measured side by side.
 """
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -74,25 +80,37 @@ def read_long_prompt(model, length, repeats):
     return {way: statistics.median(values) for way, values in times.items()}
 
 
+def other_jamba(path):
+    """The Jamba class of another JAMBA.py, imported under a name of its own."""
+    spec = importlib.util.spec_from_file_location("JAMBA_against", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Jamba
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096, 8192])
     p.add_argument("--new-tokens", type=int, default=64, help="steps timed per context (the median is reported)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no files written")
+    p.add_argument("--against", metavar="JAMBA.py", help="also time this JAMBA.py's transformer and hybrid, in turns")
     args = p.parse_args()
     d_model, n_layers = (16, 8) if args.smoke else (256, 8)
     contexts, new_tokens = ([8, 16] if args.smoke else args.contexts), (2 if args.smoke else args.new_tokens)
     print(f"generation, d_model={d_model}, {n_layers} layers, batch 1, float32; {machine()}")
     results = {}
     plans = {**variants(n_layers), **{name: variants(n_layers)[of] for name, of in UNFUSED.items()}}
+    against = {f"{name} (--against)": name for name in ("transformer", "hybrid")} if args.against else {}
+    other = other_jamba(args.against) if args.against else None
+    plans.update({name: variants(n_layers)[of] for name, of in against.items()})
     for context in contexts:
         models = {}
         for name, (n_mamba, n_attention) in plans.items():
             torch.manual_seed(0)   # the same weights at every context length, fused or not
-            models[name] = Jamba(vocab_size=256, d_model=d_model, num_mamba_layers=n_mamba,
-                                 num_transformer_layers=n_attention, nhead=4, dim_feedforward=2 * d_model,
-                                 max_seq_length=context + new_tokens,
-                                 scan="parallel" if name in UNFUSED else "auto").eval()
+            models[name] = (other if name in against else Jamba)(
+                vocab_size=256, d_model=d_model, num_mamba_layers=n_mamba, num_transformer_layers=n_attention,
+                nhead=4, dim_feedforward=2 * d_model, max_seq_length=context + new_tokens,
+                scan="parallel" if name in UNFUSED else "auto").eval()
         for name, (seconds, state_bytes) in measure(models, context, new_tokens).items():
             results[name, context] = (seconds, state_bytes)
             print(f"{name:18s} {models[name].layer_pattern} L={context:5d}: {1e3 * seconds:7.2f} ms/token, "
@@ -107,7 +125,7 @@ def main():
         long_rows.append([name, model.layer_pattern, 4 * window, f"{seconds['token by token']:.0f}",
                           f"{seconds['in pieces']:.0f}", f"{seconds['token by token'] / seconds['in pieces']:.1f}x"])
         print(" | ".join(map(str, long_rows[-1])), flush=True)
-    if args.smoke:
+    if args.smoke or args.against:      # a comparison is printed, not written over the results
         return
     write_table("generation_long_prompt", f"Reading a prompt of 4 x max_seq_length = {4 * window} tokens, d_model="
                 f"{d_model}, {n_layers} layers, batch 1, float32, CPU, median of 5", ["model", "layers", "prompt",

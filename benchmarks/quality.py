@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from _common import HERE, active_parameters, machine, pyplot, save_figure, write_table
 
+import train_tiny
 from JAMBA import Jamba
 
 VARIANTS = {"hybrid": ["--num_mamba_layers", "3", "--num_transformer_layers", "1"],
@@ -60,7 +61,7 @@ def main():
             if result.returncode != 0:
                 sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
             print(result.stdout.split("--- sample")[0].strip(), flush=True)
-            ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+            ckpt = train_tiny.load_checkpoint(out / "ckpt.pt")
             with torch.device("meta"):
                 model = Jamba(**ckpt["config"])
             runs[name] = {"ckpt": ckpt, "params": sum(p.numel() for p in model.parameters()),
