@@ -81,7 +81,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         ys = []
         # One step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size
         # gradient per step (quadratic); unbind's backward stacks the small per-step gradients once.
-        for delta_t, u_t, B_t, C_t in zip(delta.unbind(2), u.unbind(2), B.unbind(2), C.unbind(2)):
+        for delta_t, u_t, B_t, C_t in zip(*(x.unbind(2) for x in (delta, u, B, C))):
             dA_t = torch.exp(delta_t[..., None] * A)                    # (b, d, n)  A-bar_t, Eq. (4)
             dBu_t = (delta_t * u_t)[..., None] * B_t[:, None]           # (b, d, n)  B-bar_t u_t, Euler
             h = dA_t * h + dBu_t                                        # (b, d, n)  Eq. (2a)
@@ -109,13 +109,12 @@ def _odd_even_scan_(a, x):
       3. each even position 2i >= 2 takes one step from the finished odd position before it
          x_{2i} += a_{2i} x_{2i-1}                  x2 = x0..2   x4 = x0..4   x6 = x0..6
     An odd length leaves its last element unpaired in step 1; step 3 finishes it like the others."""
-    l = x.shape[0]
-    if l < 2:
+    if len(x) < 2:
         return
-    x[1::2].addcmul_(a[1::2], x[0:l - 1:2])
-    a[1::2].mul_(a[0:l - 1:2])
+    x[1::2].addcmul_(a[1::2], x[:-1:2])
+    a[1::2].mul_(a[:-1:2])
     _odd_even_scan_(a[1::2], x[1::2])
-    x[2::2].addcmul_(a[2::2], x[1:l - 1:2])
+    x[2::2].addcmul_(a[2::2], x[1:-1:2])
 
 
 class _ParallelSelectiveScan(torch.autograd.Function):
@@ -241,8 +240,7 @@ class MambaBlock(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto",
                  inner_layernorms=False, norm_eps=1e-6, scan="auto"):
         super().__init__()
-        _check_settings(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand,
-                        dt_rank=dt_rank, scan=scan)
+        _check_settings(**locals())               # every argument, by name
         self.d_inner = d = expand * d_model
         self.dt_rank = r = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.d_state, self.d_conv = d_state, d_conv
@@ -263,8 +261,7 @@ class MambaBlock(nn.Module):
         # first step sizes dt = softplus(bias) cover [1e-3, 1e-1] log-uniformly, as in the reference.
         nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
         dt = (0.001 * 100 ** torch.rand(d)).clamp(min=1e-4)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+        self.dt_proj.bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
         if scan in ("auto", "fused"):
             _fused()                              # built or found now, not inside a torch.compile trace
 
@@ -369,16 +366,12 @@ class AttentionBlock(nn.Module):
     def __init__(self, d_model, nhead, dropout=0.0, max_seq_length=1024, rotary=False,
                  num_key_value_heads=None):
         super().__init__()
-        _check_settings(d_model=d_model, nhead=nhead, dropout=dropout,
-                        max_seq_length=max_seq_length, rotary=rotary,
-                        num_key_value_heads=num_key_value_heads)
+        _check_settings(**locals())               # every argument, by name
         self.nhead, self.num_key_value_heads = nhead, num_key_value_heads or nhead
         self.head_size, self.dropout, self.rotary = d_model // nhead, dropout, rotary
         self.max_seq_length, g_e = max_seq_length, self.num_key_value_heads * self.head_size
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, g_e, bias=False)
-        self.v_proj = nn.Linear(d_model, g_e, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (          # m -> h e = m, g e, g e; m -> m
+            nn.Linear(d_model, size, bias=False) for size in (d_model, g_e, g_e, d_model))
         self.resid_dropout = nn.Dropout(dropout)
 
     def _qkv(self, x, positions):
@@ -401,8 +394,7 @@ class AttentionBlock(nn.Module):
         at most max_seq_length, as Jamba.forward ensures); mask as in prefill."""
         if mask is not None:
             return self.prefill(x, mask=mask)[0]
-        b, l, _ = x.shape
-        q, k, v = self._qkv(x, torch.arange(l, device=x.device).expand(b, l))   # (b, ., l, e)
+        q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device)[None])   # (b, ., l, e)
         return self._attend(q, k, v, is_causal=True)
 
     def prefill(self, x, state=None, mask=None):
@@ -413,7 +405,7 @@ class AttentionBlock(nn.Module):
         is_token = x.new_ones(b, l, dtype=torch.bool) if mask is None else mask.bool()   # (b, l)
         first = 0 if state is None else state.next_position             # (b, 1)
         q, k, v = self._qkv(x, first + is_token.cumsum(-1) - 1)         # a pad repeats a position
-        pads = (state is not None and state.pads) or not bool(is_token.all())
+        pads = (state is not None and state.pads) or not is_token.all()
         state = self._append(state, k, v, is_token, first + is_token.sum(-1, keepdim=True), pads)
         s = min(state.length - l, self.max_seq_length - 1) + l          # the steps x's queries see
         seen = slice(state.length - s, state.length)
@@ -461,8 +453,7 @@ class MLP(nn.Module):
 
     def __init__(self, d_model, dim_feedforward, dropout=0.0):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, dim_feedforward, bias=False)
-        self.up_proj = nn.Linear(d_model, dim_feedforward, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(d_model, dim_feedforward, bias=False) for _ in range(2))
         self.down_proj = nn.Linear(dim_feedforward, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
@@ -490,13 +481,13 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x):
         """x (..., m) -> the same shape."""
-        tokens = x.reshape(-1, x.shape[-1])                             # (t, m)
+        tokens = x.flatten(0, -2)                                       # (t, m)
         self.router_probs = F.softmax(self.router(tokens), dim=-1,
                                       dtype=torch.promote_types(x.dtype, torch.float32))   # (t, E)
         weights, chosen = self.router_probs.topk(self.num_experts_per_tok, dim=-1)   # (t, K) each
         out = torch.zeros_like(tokens)                                  # (t, m)
         for e, expert in enumerate(self.experts):
-            token, k = (chosen == e).nonzero(as_tuple=True)             # (t_e,) the tokens that chose e
+            token, k = torch.where(chosen == e)                         # (t_e,) the tokens that chose e
             # An expert no token chose still runs, on no rows, so that its weights get a zero
             # gradient rather than none (which DistributedDataParallel takes for an unused one).
             out.index_add_(0, token, weights[token, k, None].to(x.dtype) * expert(tokens[token]))
@@ -586,20 +577,21 @@ class JambaLayer(nn.Module):
 
     def forward(self, x, mask=None):
         """x (b, l, m) -> (b, l, m); mask (b, l) or None, as the mixers take it."""
-        x = x + self.mixer(self.input_layernorm(x), mask)
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
+        return self._feed_forward(x + self.mixer(self.input_layernorm(x), mask))
 
     def prefill(self, x, state=None, mask=None):
         """x (b, l, m) from the mixer's state (or none) -> (b, l, m), the mixer's state after x."""
         mixed, state = self.mixer.prefill(self.input_layernorm(x), state, mask)
-        x = x + mixed
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), state
+        return self._feed_forward(x + mixed), state
 
     def step(self, x, state):
         """x (b, m) -> (b, m), the mixer's new state."""
         mixed, state = _mixer_step(self.mixer, self.input_layernorm(x), state)   # fused, if it can
-        x = x + mixed
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), state
+        return self._feed_forward(x + mixed), state
+
+    def _feed_forward(self, x):
+        """The second residual half: x + feed_forward(norm(x))."""
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
 class Jamba(nn.Module):
@@ -614,22 +606,21 @@ class Jamba(nn.Module):
     def __init__(self, config=None, **settings):
         super().__init__()
         self.config = c = JambaConfig(**settings) if config is None else _check_config(config, settings)
+        m, eps = c.d_model, c.rms_norm_eps
         self.layer_pattern = layer_schedule(c.num_mamba_layers, c.num_transformer_layers,
                                             c.attn_layer_period, c.attn_layer_offset)
         self.mlp_pattern = "".join("E" if c.num_experts > 1 and i % c.expert_layer_period ==
                                    c.expert_layer_offset else "D" for i in range(len(self.layer_pattern)))
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.embed_tokens = nn.Embedding(c.vocab_size, m)
         self.layers = nn.ModuleList(JambaLayer(
-            MambaBlock(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, True, c.rms_norm_eps, c.scan)
-            if kind == "M" else AttentionBlock(c.d_model, c.nhead, c.dropout, c.max_seq_length,
-                                               c.rotary and "M" not in self.layer_pattern[:i],
-                                               c.num_key_value_heads),
-            MixtureOfExperts(c.d_model, c.dim_feedforward, c.num_experts, c.num_experts_per_tok,
-                             c.dropout) if mlp == "E" else MLP(c.d_model, c.dim_feedforward, c.dropout),
-            c.d_model, c.rms_norm_eps) for i, (kind, mlp) in enumerate(zip(self.layer_pattern,
-                                                                           self.mlp_pattern)))
-        self.final_layernorm = nn.RMSNorm(c.d_model, eps=c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            MambaBlock(m, c.d_state, c.d_conv, c.expand, c.dt_rank, True, eps, c.scan) if kind == "M" else
+            AttentionBlock(m, c.nhead, c.dropout, c.max_seq_length, c.rotary and "M" not in self.layer_pattern[:i],
+                           c.num_key_value_heads),
+            MixtureOfExperts(m, c.dim_feedforward, c.num_experts, c.num_experts_per_tok,
+                             c.dropout) if mlp == "E" else MLP(m, c.dim_feedforward, c.dropout),
+            m, eps) for i, (kind, mlp) in enumerate(zip(self.layer_pattern, self.mlp_pattern)))
+        self.final_layernorm = nn.RMSNorm(m, eps=eps)
+        self.lm_head = nn.Linear(m, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight              # weight tying (Press & Wolf)
         self.aux_loss = None
@@ -664,10 +655,8 @@ class Jamba(nn.Module):
                    if isinstance(layer.feed_forward, MixtureOfExperts)]
         self.aux_loss = load_balancing_loss(routers, self.config.num_experts_per_tok, None if mask
                                             is None else mask.flatten()) if routers else None
-        if return_hidden:
-            return x, None
-        logits = self.lm_head(x)                                        # (b, l, v)
-        if targets is None:
+        logits = x if return_hidden else self.lm_head(x)                # (b, l, v) or (b, l, m)
+        if targets is None:                                             # return_hidden: always
             return logits, None
         targets = targets if mask is None else targets.masked_fill(~mask, -1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
@@ -764,7 +753,7 @@ def _check_settings(**s):
                         "num_experts_per_tok max_new_tokens top_k").split() or (name, value) in (
                 ("dt_rank", "auto"), ("num_key_value_heads", None), ("top_k", None)):
             continue
-        low = 0 if name in ("num_mamba_layers", "num_transformer_layers", "max_new_tokens") else 1
+        low = 0 if name in "num_mamba_layers num_transformer_layers max_new_tokens".split() else 1
         high = s["num_experts"] if name == "num_experts_per_tok" else None
         if type(value) is not int or value < low or high and value > high:
             allowed = f"an int in [1, num_experts={high}]" if high else \
@@ -772,11 +761,11 @@ def _check_settings(**s):
             raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if not 0 <= s.get("dropout", 0) < 1:
         raise ValueError(f"dropout must be in [0, 1), got {s['dropout']!r}")
-    if s.get("scan", "auto") not in ("auto", "fused", "parallel", "sequential"):
+    if s.get("scan", "auto") not in "auto fused parallel sequential".split():
         raise ValueError(f"scan must be one of auto, fused, parallel, sequential, got {s['scan']!r}")
-    if type(s.get("temperature", 0)) not in (int, float) or s.get("temperature", 0) < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {s['temperature']!r}")
-    if "nhead" in s and (s["d_model"] % s["nhead"] or s["rotary"] and s["d_model"] // s["nhead"] % 2):
+    if type(temperature := s.get("temperature", 0)) not in (int, float) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if "nhead" in s and s["d_model"] % ((2 if s["rotary"] else 1) * s["nhead"]):   # rotary: an even head size
         raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with rotary),"
                          f" got d_model={s['d_model']}, nhead={s['nhead']}")
     if s.get("num_key_value_heads") and s["nhead"] % s["num_key_value_heads"]:
@@ -789,7 +778,7 @@ def _check_config(c, settings=None):
     layers, periods, offsets. Returns it."""
     if not isinstance(c, JambaConfig) or settings:
         raise TypeError("Jamba takes a JambaConfig or its fields as keyword arguments, not both")
-    _check_settings(**dict(dataclasses.asdict(c), rotary=False,
+    _check_settings(**dict(vars(c), rotary=False,
                            num_experts_per_tok=c.num_experts_per_tok if c.num_experts > 1 else 1))
     n = c.num_mamba_layers + c.num_transformer_layers
     if n == 0:
@@ -815,21 +804,21 @@ def _check_config(c, settings=None):
     return c
 
 
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """The selective scans' arguments: tensors (D, z, delta_bias, initial_state may be None) whose
-    shapes fit together."""
-    given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                 initial_state=initial_state)
-    for name, value in given.items():
+def _check_scan_args(*args):
+    """The selective scans' arguments u, delta, A, B, C, D, z, delta_bias, initial_state, in that order:
+    tensors (D, z, delta_bias, initial_state may be None) whose shapes fit together."""
+    shapes = dict(u="bdl", delta="bdl", A="dn", B="bnl", C="bnl", D="d", z="bdl", delta_bias="d",
+                  initial_state="bdn")                                  # in the glossary's letters
+    for name, value in zip(shapes, args):
         if not isinstance(value, torch.Tensor) and (value is not None or name in "u delta A B C"):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    u, A = args[0], args[2]
     if u.dim() != 3 or u.shape[2] == 0:
         raise ValueError(f"u must have shape (b, d, l) with at least one time step (l >= 1)")
-    size = dict(zip("bdln", (*u.shape, A.shape[-1])))                  # the glossary's letters
-    for name, letters in dict(A="dn", delta="bdl", B="bnl", C="bnl", z="bdl", D="d", delta_bias="d",
-                              initial_state="bdn").items():
+    size = dict(zip("bdln", (*u.shape, A.shape[-1])))
+    for (name, letters), value in zip(shapes.items(), args):
         shape = tuple(size[letter] for letter in letters)
-        if given[name] is not None and (given[name].shape != shape or given[name].is_complex()):
+        if value is not None and (value.shape != shape or value.is_complex()):
             raise ValueError(f"{name} must have shape {shape}, real (u is (b, d, l) = {tuple(u.shape)})")
 
 
@@ -847,8 +836,8 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     name, x = ("inputs_embeds", inputs_embeds) if embeds else ("idx", idx)
     dtypes = [model.embed_tokens.weight.dtype] if embeds else [torch.int64, torch.int32]
     if getattr(x, "dtype", None) not in dtypes:
-        raise TypeError(f"{name} must be a torch.Tensor of " + (f"the model's dtype {dtypes[0]}" if embeds
-                        else "token ids, torch.int64 or torch.int32") + f", got {getattr(x, 'dtype', type(x).__name__)}")
+        wanted = f"the model's dtype {dtypes[0]}" if embeds else "token ids, torch.int64 or torch.int32"
+        raise TypeError(f"{name} must be a torch.Tensor of {wanted}, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 2 + embeds or x.shape[1] == 0 or embeds and x.shape[2] != c.d_model:
         raise ValueError(f"{name} must have shape (b, l{f', d_model={c.d_model}' * embeds}) with l >= 1, "
                          f"got {tuple(x.shape)} (no empty sequence)")
@@ -864,15 +853,16 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
             raise ValueError(f"{name} must be a tensor of shape (b, l) = {tuple(shape)}, got {got}")
     if states is not None:
         _check_states(model, states, shape[0])
-    if attention_mask is not None and (attention_mask.is_floating_point() or (
-            (attention_mask != 0) & (attention_mask != 1)).any()):
+    if attention_mask is None:
+        return None
+    if attention_mask.is_floating_point() or (attention_mask != attention_mask.bool()).any():
         raise ValueError(f"attention_mask must hold only 1 (token) and 0 (pad) as bool or int, got "
                          f"{attention_mask.dtype}")
-    if attention_mask is not None and not attention_mask.any():
+    if not attention_mask.any():
         raise ValueError("attention_mask marks every position as a pad: there is no token to read")
-    mask = None if attention_mask is None else attention_mask.bool()
+    mask = attention_mask.bool()
     # A pad after a token would decay the Mamba states and fill the conv window: not the tokens' state.
-    if left_padded and mask is not None and not torch.equal(mask, mask.cummax(1).values):
+    if left_padded and not torch.equal(mask, mask.cummax(1).values):
         raise ValueError("attention_mask must be left-padded for generate and prefill: each row's pads (0) "
                          "before its tokens (1); pad_prompts(prompts, pad_id) makes such a batch")
     return mask
@@ -883,8 +873,9 @@ def _check_states(model, states, b):
     if not isinstance(states, (list, tuple)) or len(states) != len(model.layers):
         raise ValueError(f"states must be the list of {len(model.layers)} layer states that prefill "
                          "or step returned")
-    for i, (layer, state) in enumerate(zip(model.layers, states)):
-        mixer, mamba = layer.mixer, isinstance(layer.mixer, MambaBlock)
+    for i, state in enumerate(states):
+        mixer = model.layers[i].mixer
+        mamba = isinstance(mixer, MambaBlock)
         shape = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
         if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
                 getattr(state[1], "shape", ())[:len(shape)] != shape:
@@ -895,15 +886,17 @@ def _check_states(model, states, b):
 def _check_step(model, token, inputs_embeds):
     """step's vectors, where it is given vectors. Token ids are taken as they are: checking each one
     would cost more than the step on a GPU (reading a value back waits for the device)."""
-    if inputs_embeds is not None and getattr(inputs_embeds, "ndim", 0) != 2:
-        raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape (b, m)")
+    if inputs_embeds is not None:
+        if getattr(inputs_embeds, "ndim", 0) != 2:
+            raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape (b, m)")
+        inputs_embeds = inputs_embeds[:, None]                          # (b, 1, m), as prefill's
     if token is None or inputs_embeds is not None:
-        _check_inputs(model, token, inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None])
+        _check_inputs(model, token, inputs_embeds=inputs_embeds)
 
 
 def _check_generate(model, idx, max_new_tokens, temperature, top_k, attention_mask):
     """generate's settings and prompt, its attention_mask left-padded: the mask as bool, or None."""
-    _check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    _check_settings(**locals())                   # the settings among them: max_new_tokens, temperature, top_k
     mask = _check_inputs(model, idx, attention_mask=attention_mask, left_padded=True)
     if mask is not None and not mask[:, -1].all():
         raise ValueError("attention_mask must end every row with a token (1) for generate")
@@ -930,7 +923,7 @@ def _fused(required=False):
     why where it is required."""
     global _FUSED
     if _FUSED is None:
-        path = Path(__file__).resolve().with_name("kernels") / "fused.py"
+        path = Path(__file__).resolve().parent / "kernels/fused.py"
         module = sys.modules.get("jamba_fused_kernels")           # torch ops register only once
         if module is None and path.is_file():
             spec = importlib.util.spec_from_file_location("jamba_fused_kernels", path)
@@ -977,7 +970,7 @@ def _mixer_step(mixer, x, state):
 
 # JambaConfig's fields under their names in config.json (the layer counts come from the attention
 # plan; silu and the Mamba biases, which every released Jamba shares, are checked), and the public
-# defaults, for what a config.json leaves out.
+# defaults where they differ from JambaConfig's, for what a config.json leaves out.
 _HF_CONFIG_NAMES = dict(
     d_model="hidden_size", dim_feedforward="intermediate_size", nhead="num_attention_heads",
     max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
@@ -988,10 +981,8 @@ _HF_CONFIG_NAMES = dict(
 _HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
 _HF_DEFAULTS = dict(
     vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    max_position_embeddings=262144, num_experts=16, num_experts_per_tok=2, expert_layer_period=2,
-    expert_layer_offset=1, attn_layer_period=8, attn_layer_offset=4, router_aux_loss_coef=0.001,
-    mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank="auto", **_HF_FIXED)
+    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+    max_position_embeddings=262144, num_experts=16, attn_layer_period=8, attn_layer_offset=4, **_HF_FIXED)
 
 
 def _safetensors():
@@ -1007,14 +998,12 @@ def _safetensors():
 def _hf_names(model):
     """Our state_dict's keys -> JambaForCausalLM's (a tied head has none)."""
     names = {}
-    for key in model.state_dict():
-        if key.startswith("layers."):
-            mixer = ".mamba." if model.layer_pattern[int(key.split(".")[1])] == "M" else ".self_attn."
-            names[key] = "model." + key.replace(".mixer.", mixer)
-        elif key != "lm_head.weight":
-            names[key] = "model." + key
-        elif not model.config.tie_word_embeddings:
-            names[key] = key
+    for key in model.state_dict():                # layers.{i}.mixer. named by the layer's kind
+        kind = model.layer_pattern[int(key.split(".")[1])] if key.startswith("layers.") else None
+        names[key] = "model." + key.replace(".mixer.", ".mamba." if kind == "M" else ".self_attn.")
+    names["lm_head.weight"] = "lm_head.weight"    # the head is not under model.
+    if model.config.tie_word_embeddings:
+        del names["lm_head.weight"]
     return names
 
 
@@ -1026,35 +1015,33 @@ def _from_pretrained(cls, path, dtype=None):
     one (experts.{e}.gate_proj, the released files) or stacked in two tensors per layer
     (experts.gate_up_proj and down_proj, as recent transformers keeps them)."""
     config, files = _read_hf_config(Path(path))
-    load_file = _safetensors().load_file
-    hf_state = {key: value for file in files for key, value in load_file(file).items()}
+    hf_state, load_file = {}, _safetensors().load_file
+    for file in files:
+        hf_state.update(load_file(file))
     for key in [key for key in hf_state if key.endswith(".experts.gate_up_proj")]:
-        prefix, f = key.removesuffix("gate_up_proj"), hf_state[key].shape[1] // 2
-        gate_up, down = hf_state.pop(key), hf_state.pop(prefix + "down_proj", None)   # (E, 2f, m)
-        for e in range(len(gate_up) if down is not None else 0):
-            hf_state.update({f"{prefix}{e}.gate_proj.weight": gate_up[e, :f],
-                             f"{prefix}{e}.up_proj.weight": gate_up[e, f:],
-                             f"{prefix}{e}.down_proj.weight": down[e]})
+        prefix = key.removesuffix("gate_up_proj")
+        gate, up = hf_state.pop(key).chunk(2, dim=1)                   # (E, f, m) each
+        for e, down in enumerate(hf_state.pop(prefix + "down_proj", [])):   # (m, f) each; none: reported below
+            hf_state.update({f"{prefix}{e}.gate_proj.weight": gate[e], f"{prefix}{e}.up_proj.weight": up[e],
+                             f"{prefix}{e}.down_proj.weight": down})
     with torch.device("meta"):
         model = cls(config)
     if config.tie_word_embeddings:                # the embedding's tensor, stored twice or not
         hf_state.pop("lm_head.weight", None)
-    state, shapes = {}, {key: value.shape for key, value in model.state_dict().items()}   # meta
+    state = model.state_dict()                    # meta tensors, each replaced by the checkpoint's
     for key, name in _hf_names(model).items():
         if name not in hf_state:
             raise ValueError(f"the checkpoint has no tensor {name!r}, which its config.json implies"
                              + " (nor experts.gate_up_proj)" * (".experts." in name))
-        if hf_state[name].shape != shapes[key]:
+        if hf_state[name].shape != state[key].shape:
             raise ValueError(f"{name} has shape {tuple(hf_state[name].shape)} in the checkpoint, but "
-                             f"its config.json gives it {tuple(shapes[key])}")
+                             f"its config.json gives it {tuple(state[key].shape)}")
         state[key] = hf_state.pop(name).to(dtype)
     if hf_state:
         raise ValueError(f"the checkpoint has {len(hf_state)} tensors its config.json does not "
                          f"account for, e.g. {sorted(hf_state)[:3]}")
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:                # assign=True made new Parameters: tie them again
+    if config.tie_word_embeddings:                # assign=True made new Parameters (a tied head's meta): tie
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
@@ -1069,7 +1056,7 @@ def _read_hf_config(path):
                          "directory of a Jamba checkpoint"))
     try:
         hf = {**_HF_DEFAULTS, **json.loads(config_file.read_text(encoding="utf-8"))}
-    except (ValueError, UnicodeDecodeError) as err:
+    except ValueError as err:                     # UnicodeDecodeError among them
         raise ValueError(f"{config_file}: not readable JSON ({err})") from None
     unsupported = {key: hf[key] for key, ours in _HF_FIXED.items() if hf[key] != ours}
     if hf.get("model_type") != "jamba" or unsupported:
@@ -1080,7 +1067,7 @@ def _read_hf_config(path):
     n, period, offset = hf["num_hidden_layers"], hf["attn_layer_period"], hf["attn_layer_offset"]
     a = sum(i % period == offset for i in range(n)) if isinstance(period, int) and period > 0 else 0
     try:
-        config = JambaConfig(**{ours: hf[theirs] for ours, theirs in _HF_CONFIG_NAMES.items()},
+        config = JambaConfig(**{ours: hf[theirs] for ours, theirs in _HF_CONFIG_NAMES.items() if theirs in hf},
                              rotary=False, num_mamba_layers=n - a, num_transformer_layers=a)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from None
@@ -1100,18 +1087,18 @@ def _hf_config(model, special_token_ids):
     (a ValueError saying what to change where the format cannot express the model). Numbers where it
     also allows a word or a spare value, as other readers (llama.cpp's converter) need."""
     c, n = model.config, len(model.layers)
-    if any(isinstance(layer.mixer, AttentionBlock) and layer.mixer.rotary for layer in model.layers):
+    if c.rotary and model.layer_pattern.startswith("A"):      # attention before any Mamba layer has it
         raise ValueError("the model has rotary positions in an attention layer, which Jamba's format "
                          "cannot express (its attention has no positional encoding): build it with "
                          "rotary=False")
-    plan = next(((period, offset) for period in range(1, n + 2) for offset in range(period)
+    plan = next((dict(attn_layer_period=period, attn_layer_offset=offset) for period in range(1, n + 2) for offset in range(period)
                  if layer_schedule(c.num_mamba_layers, c.num_transformer_layers, period, offset)
                  == model.layer_pattern), None)
     if plan is None:
         raise ValueError(f"layer_pattern {model.layer_pattern!r} is not one that attn_layer_period and "
                          "attn_layer_offset give (attention where i % period == offset): choose a "
                          "number of attention layers that divides the layers evenly, or set them")
-    settings = dict(dataclasses.asdict(c), attn_layer_period=plan[0], attn_layer_offset=plan[1],
+    settings = dict(vars(c), **plan,
                     num_key_value_heads=c.num_key_value_heads or c.nhead,
                     num_experts_per_tok=min(c.num_experts_per_tok, c.num_experts),
                     dt_rank=next((layer.mixer.dt_rank for layer in model.layers
@@ -1119,7 +1106,7 @@ def _hf_config(model, special_token_ids):
     return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "num_hidden_layers": n,
             **{theirs: settings[ours] for ours, theirs in _HF_CONFIG_NAMES.items()}, **_HF_FIXED,
             "attention_dropout": 0.0, "dtype": str(model.embed_tokens.weight.dtype)[6:],
-            **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")),
+            **dict.fromkeys("bos_token_id eos_token_id pad_token_id".split()),
             **(special_token_ids or {})}
 
 
@@ -1131,20 +1118,17 @@ def _save_pretrained(model, path, special_token_ids=None, files=None):
     format cannot express raises first. Returns the path."""
     hf_config, path = _hf_config(model, special_token_ids), Path(path)
     save_file, state = _safetensors().save_file, model.state_dict()
-    tensors = {name: state[key].detach().contiguous().cpu() for key, name in _hf_names(model).items()}
+    tensors = {name: state[key].contiguous().cpu() for key, name in _hf_names(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    # On an error the temporary directory goes; after the rename there is none left to remove.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-", ignore_cleanup_errors=True) as tmp:
+        tmp = Path(tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name, text in (files or {}).items():
+        for name, text in {"config.json": json.dumps(hf_config, indent=2) + "\n", **(files or {})}.items():
             (tmp / name).write_text(text, encoding="utf-8")
         if path.exists():                         # never half a checkpoint: the old one, or the new
             shutil.rmtree(path)
         tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

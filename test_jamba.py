@@ -1783,7 +1783,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_at_the_end_of_the_run():
     args = train_tiny.parse_args(["--lr", "1.0", "--warmup-iters", "10", "--max-iters", "110"])
     rates = [train_tiny.learning_rate(step, 0.0, args) for step in range(110)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(rates))
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert train_tiny.learning_rate(110, 0.0, args) == pytest.approx(0.1)
     assert rates[60] == pytest.approx(0.55)
     # With a time budget the schedule ends at the budget when that comes before --max-iters.
