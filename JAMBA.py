@@ -6,7 +6,7 @@ References, open them beside this file:
           arXiv 2312.00752.
   [Jamba] Lieber et al., "Jamba: A Hybrid Transformer-Mamba Language Model", arXiv 2403.19887.
   The Mamba reference code (state-spaces/mamba): selective_scan_ref and mamba_simple.Mamba, whose
-  argument layouts, parameter names and initialisation are kept, so that its weights load as they are.
+  argument layouts, parameter names and initialisation are kept, so its weights load as they are.
   The public Jamba code (transformers' JambaForCausalLM), whose module and configuration names are
   kept, so that its checkpoints load by a prefix; test_jamba.py checks the logits against it.
 
@@ -30,10 +30,10 @@ Glossary: the letters used in every shape comment.
   g  key/value heads (GQA)          s  keys a query attends to, up to max_seq_length
   t  tokens, b * l flattened        c  a block of channels inside the parallel scan
   E  num_experts                    K  num_experts_per_tok, the router's top-K
-Paper symbols: Delta (here `delta`), A, B, C, D as in [Mamba] Section 2 and Algorithm 2; h the state.
+Paper symbols: Delta (`delta`), A, B, C, D as in [Mamba] Section 2 and Algorithm 2; h the state.
 Precision: as in the reference, the scans, the recurrent step, rotary positions and the router
 compute in float32 for a float16 or bfloat16 model (exponentials, decays and long sums lose too much
-in 8 or 11 bits of mantissa), in float32 or float64 as they are: torch.promote_types(dtype, float32).
+in 8 or 11 bits of mantissa), float32 and float64 as they are: torch.promote_types(dtype, float32).
 """
 
 import dataclasses
@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
+from torch import nn
 
 # -------------------------------------------------------------------------------------------------
 # 1. Selective scans
@@ -70,11 +69,14 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     dtype_in, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]                 # (b, d, l)  line 5's Parameter
+        # (b, d, l)  line 5's Parameter
+        delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
-        delta = F.softplus(delta)                                       # (b, d, l)  line 5's tau_Delta
+        # (b, d, l)  line 5's tau_Delta
+        delta = F.softplus(delta)
 
-    h = u.new_zeros(*u.shape[:2], A.shape[1]) if initial_state is None else initial_state.to(compute)
+    h = u.new_zeros(*u.shape[:2], A.shape[1]) if initial_state is None else \
+        initial_state.to(compute)                                       # (b, d, n)
     if _over_time is not None:
         y, h = _over_time(u, delta, A, B, C, h)                         # (b, d, l), (b, d, n)
     else:
@@ -82,16 +84,19 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         # One step at a time. unbind, not delta[:, :, t]: indexing makes autograd build a full-size
         # gradient per step (quadratic); unbind's backward stacks the small per-step gradients once.
         for delta_t, u_t, B_t, C_t in zip(*(x.unbind(2) for x in (delta, u, B, C))):
-            dA_t = torch.exp(delta_t[..., None] * A)                    # (b, d, n)  A-bar_t, Eq. (4)
-            dBu_t = (delta_t * u_t)[..., None] * B_t[:, None]           # (b, d, n)  B-bar_t u_t, Euler
+            # (b, d, n)  A-bar_t, Eq. (4)
+            dA_t = torch.exp(delta_t[..., None] * A)
+            # (b, d, n)  B-bar_t u_t, Euler
+            dBu_t = (delta_t * u_t)[..., None] * B_t[:, None]
             h = dA_t * h + dBu_t                                        # (b, d, n)  Eq. (2a)
             ys.append(torch.einsum("bdn,bn->bd", h, C_t))               # (b, d)     Eq. (2b)
-        y = torch.stack(ys, dim=2)                                      # (b, d, l)
+        y = torch.stack(ys, 2)                                      # (b, d, l)
 
     if D is not None:
         y = y + D.to(compute)[:, None] * u                              # (b, d, l)  the skip D u
     if z is not None:
-        y = y * F.silu(z.to(compute))                                   # (b, d, l)  the gate, Figure 3
+        # (b, d, l)  the gate, Figure 3
+        y = y * F.silu(z.to(compute))
     out = y.to(dtype_in)
     return (out, h) if return_last_state else out
 
@@ -102,12 +107,12 @@ def _odd_even_scan_(a, x):
     The odd-even parallel scan (Blelloch-style): O(l) work in log2(l) levels, each level one
     elementwise op on every other time step. For l = 8, writing x_i..j for "the recurrence from i
     to j":
-      1. fold each pair (2i, 2i+1) into one step    x1 = x0..1   x3 = x2..3   x5 = x4..5   x7 = x6..7
+      1. fold each pair (2i, 2i+1) into one step   x1 = x0..1   x3 = x2..3   x5 = x4..5   x7 = x6..7
          x_{2i+1} += a_{2i+1} x_{2i};  a_{2i+1} *= a_{2i}  (a_{2i+1} now spans the pair's two steps)
       2. the odd positions form a recurrence half as long: scan it (recursively, a strided view)
-                                                    x1 = x0..1   x3 = x0..3   x5 = x0..5   x7 = x0..7
+                                                   x1 = x0..1   x3 = x0..3   x5 = x0..5   x7 = x0..7
       3. each even position 2i >= 2 takes one step from the finished odd position before it
-         x_{2i} += a_{2i} x_{2i-1}                  x2 = x0..2   x4 = x0..4   x6 = x0..6
+         x_{2i} += a_{2i} x_{2i-1}                 x2 = x0..2   x4 = x0..4   x6 = x0..6
     An odd length leaves its last element unpaired in step 1; step 3 finishes it like the others."""
     if len(x) < 2:
         return
@@ -127,19 +132,21 @@ class _ParallelSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def channel_blocks(b, d, l, n, device):
-        """Slices of the d channels: about 4 MB per (l, b, c, n) float32 tensor on a CPU, whose cache
-        then holds the few a block needs. A GPU has no cache that size, and each block costs a few
-        dozen launches, so there a tensor may take a 256th of the free memory (about six are alive
-        at once): a wide layer is then a block or a few, not thousands of tiny kernels."""
+        """Slices of the d channels: about 4 MB per (l, b, c, n) float32 tensor on a CPU, whose
+        cache then holds the few a block needs. A GPU has no cache that size, and each block costs a
+        few dozen launches, so there a tensor may take a 256th of the free memory (about six are
+        alive at once): a wide layer is then a block or a few, not thousands of tiny kernels."""
         elements = torch.cuda.mem_get_info(device)[0] // 256 if device.type == "cuda" else 2 ** 20
         c = max(1, elements // (b * l * n))
         return [slice(i, min(i + c, d)) for i in range(0, d, c)]
 
     @staticmethod
     def states(u, delta, A, B, h0):
-        """Every h_t of one block, and A-bar: u, delta (l, b, c); A (c, n); B (l, b, n); h0 (b, c, n)
-        -> h, dA (l, b, c, n). Eq. (2a), h_t = A-bar_t h_{t-1} + B-bar_t u_t, by _odd_even_scan_."""
-        dA = torch.exp(delta[..., None] * A)                            # (l, b, c, n)  A-bar, Eq. (4)
+        """Every h_t of one block, and A-bar: u, delta (l, b, c); A (c, n); B (l, b, n);
+        h0 (b, c, n) -> h, dA (l, b, c, n). Eq. (2a), h_t = A-bar_t h_{t-1} + B-bar_t u_t, solved
+        by _odd_even_scan_."""
+        # (l, b, c, n)  A-bar, Eq. (4)
+        dA = torch.exp(delta[..., None] * A)
         h = (delta * u)[..., None] * B[:, :, None]                      # (l, b, c, n)  B-bar u
         h[0].addcmul_(dA[0], h0)                                        # h0 enters at t = 0
         _odd_even_scan_(dA.clone(), h)
@@ -150,7 +157,8 @@ class _ParallelSelectiveScan(torch.autograd.Function):
         (b, d, l), n = u.shape, A.shape[1]
         u, delta, B, C = (x.permute(2, 0, 1).contiguous() for x in (u, delta, B, C))   # (l, b, .)
         y, last = u.new_empty(l, b, d), u.new_empty(b, d, n)           # (l, b, d), (b, d, n)
-        for ch in _ParallelSelectiveScan.channel_blocks(b, d, l, n, u.device):
+        ctx.blocks = _ParallelSelectiveScan.channel_blocks(b, d, l, n, u.device)   # backward's too
+        for ch in ctx.blocks:
             h, _ = _ParallelSelectiveScan.states(u[:, :, ch], delta[:, :, ch], A[ch], B, h0[:, ch])
             last[:, ch] = h[-1]
             y[:, :, ch] = torch.einsum("lbcn,lbn->lbc", h, C)            # (l, b, c)  Eq. (2b)
@@ -161,23 +169,26 @@ class _ParallelSelectiveScan(torch.autograd.Function):
     def backward(ctx, grad_y, grad_last):
         """Backpropagation through a linear recurrence is the same recurrence, backwards in time:
             g_t = dL/dh_t = C_t grad_y_t + A-bar_{t+1} g_{t+1}     (g_{l-1} also gets grad_last)
-        which _odd_even_scan_ solves on time-reversed copies. Then dL/d(B-bar u)_t = g_t, and through
-        A-bar = exp(Delta A), dL/d(Delta A)_t = g_t h_{t-1} A-bar_t; the chain rule gives the rest."""
-        u, delta, A, B, C, h0 = ctx.saved_tensors                      # time-major, as forward saved
-        (l, b, d), n = u.shape, A.shape[1]
+        which _odd_even_scan_ solves on time-reversed copies. Then dL/d(B-bar u)_t = g_t, and
+        through A-bar = exp(Delta A), dL/d(Delta A)_t = g_t h_{t-1} A-bar_t; the chain rule gives
+        the rest."""
+        # time-major, as forward saved
+        u, delta, A, B, C, h0 = ctx.saved_tensors
         grad_y = grad_y.permute(2, 0, 1).contiguous()                  # (l, b, d)
         grad_u, grad_delta, grad_A, grad_h0 = map(torch.empty_like, (u, delta, A, h0))
-        grad_B, grad_C = map(torch.zeros_like, (B, C))                 # (l, b, n), summed over blocks
-        for ch in _ParallelSelectiveScan.channel_blocks(b, d, l, n, u.device):
+        # (l, b, n), summed over blocks
+        grad_B, grad_C = map(torch.zeros_like, (B, C))
+        for ch in ctx.blocks:
             u_c, delta_c, grad_y_c = (x[:, :, ch] for x in (u, delta, grad_y))   # (l, b, c)
             h, dA = _ParallelSelectiveScan.states(u_c, delta_c, A[ch], B, h0[:, ch])  # recomputed
 
             g = torch.einsum("lbc,lbn->lbcn", grad_y_c, C).flip(0)      # (l, b, c, n)  reversed
-            if grad_last is not None:
-                g[0] += grad_last[:, ch]
-            dA_next = torch.cat([torch.zeros_like(dA[:1]), dA[1:].flip(0)])   # A-bar_{t+1}, reversed
+            g[0] += grad_last[:, ch]                                    # zeros where it is not used
+            # A-bar_{t+1}, reversed
+            dA_next = torch.cat([torch.zeros_like(dA[:1]), dA[1:].flip(0)])
             _odd_even_scan_(dA_next, g)
-            g = g.flip(0)                                               # (l, b, c, n)  g_t = dL/dh_t
+            # (l, b, c, n)  g_t = dL/dh_t
+            g = g.flip(0)
 
             grad_h0[:, ch] = g[0] * dA[0]
             grad_C += torch.einsum("lbcn,lbc->lbn", h, grad_y_c)
@@ -188,8 +199,8 @@ class _ParallelSelectiveScan(torch.autograd.Function):
             grad_delta[:, :, ch] = grad_delta_u * u_c + torch.linalg.vecdot(grad_delta_A, A[ch])
             grad_A[ch] = torch.einsum("lbcn,lbc->cn", grad_delta_A, delta_c)
             grad_B += torch.einsum("lbcn,lbc->lbn", g, delta_c * u_c)
-        grad_u, grad_delta, grad_B, grad_C = (x.permute(1, 2, 0) for x in (grad_u, grad_delta, grad_B,
-                                                                            grad_C))
+        grad_u, grad_delta, grad_B, grad_C = (
+            x.permute(1, 2, 0) for x in (grad_u, grad_delta, grad_B, grad_C))   # (b, ., l)
         return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0
 
 
@@ -209,13 +220,14 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     [Mamba] Section 3.3.2: the scan is bound by memory traffic, and materialising A-bar, B-bar u and
     the states in (b, d, l, n) costs n times the inputs' traffic. kernels/selective_scan.cpp does
-    what the official CUDA kernel does in SRAM, with the CPU's L1 cache: each block of channels walks
-    time with its state in cache, all of Algorithm 2 in one loop (its header explains how). A torch
-    op, so torch.compile traces through it; CPU tensors only; built once, in seconds (section 8)."""
+    what the official CUDA kernel does in SRAM, with the CPU's L1 cache: each block of channels
+    walks time with its state in cache, all of Algorithm 2 in one loop (its header explains how).
+    A torch op, so torch.compile traces through it; CPU tensors only; built once, in seconds
+    (section 8)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    out, h = _fused(required=True).selective_scan(u, delta, A, B, C, D, z, delta_bias,
-                                                  delta_softplus, initial_state)
-    return (out, h) if return_last_state else out
+    out_h = _fused(required=True).selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                 initial_state)    # (b, d, l), (b, d, n)
+    return out_h if return_last_state else out_h[0]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -243,8 +255,8 @@ class MambaBlock(nn.Module):
         _check_settings(**locals())               # every argument, by name
         self.d_inner = d = expand * d_model
         self.dt_rank = r = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.d_state, self.d_conv = d_state, d_conv
-        self.inner_layernorms, self.scan = inner_layernorms, scan
+        self.d_state, self.d_conv, self.inner_layernorms, self.scan = d_state, d_conv, \
+            inner_layernorms, scan
 
         self.in_proj = nn.Linear(d_model, 2 * d, bias=False)
         self.conv1d = nn.Conv1d(d, d, d_conv, groups=d, padding=d_conv - 1)
@@ -258,23 +270,24 @@ class MambaBlock(nn.Module):
         self.out_proj = nn.Linear(d, d_model, bias=False)
 
         # Delta's projection: weights of its input's scale, and bias = softplus^-1(dt), so that the
-        # first step sizes dt = softplus(bias) cover [1e-3, 1e-1] log-uniformly, as in the reference.
+        # first steps dt = softplus(bias) cover [1e-3, 1e-1] log-uniformly, as in the reference.
         nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
         dt = (0.001 * 100 ** torch.rand(d)).clamp(min=1e-4)
         self.dt_proj.bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
         if scan in ("auto", "fused"):
-            _fused()                              # built or found now, not inside a torch.compile trace
+            # built or found now, not inside a torch.compile trace
+            _fused()
 
     def _conv(self, x, fused):
         """silu(causal depthwise conv1d(x)): (b, d, l) -> (b, d, l), t reading x_{t-k+1..t}."""
         if fused:
-            return _fused().causal_conv(x.mT, self.conv1d.weight[:, 0], self.conv1d.bias).mT
+            return _fused(required=True).causal_conv(x.mT, self.conv1d.weight[:, 0], self.conv1d.bias).mT
         return F.silu(self.conv1d(x)[..., :x.shape[2]])
 
     def _delta_B_C(self, x):
         """The selection mechanism (Algorithm 2, lines 3-5): x (..., d) -> Delta before its bias
         (..., d), B and C (..., n); line 5's bias and softplus come in the scan."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)
         if self.inner_layernorms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return dt @ self.dt_proj.weight.t(), B, C
@@ -284,16 +297,18 @@ class MambaBlock(nn.Module):
         return self.prefill(x, mask=mask)[0]
 
     def prefill(self, x, state=None, mask=None):
-        """The parallel mode, [Mamba] Figure 3 in order: x (b, l, m) -> (out (b, l, m), the state after
-        x), starting from state (conv_state (b, d, k), the conv's last k inputs; h (b, d, n)) or
-        zeros. mask (b, l), 1 at tokens and 0 at pads: pads are zeroed before in_proj and after the
-        conv (as in transformers' Jamba), so that pads before a row's tokens leave its state alone."""
+        """The parallel mode, [Mamba] Figure 3 in order: x (b, l, m) -> (out (b, l, m), the state
+        after x), starting from state (conv_state (b, d, k), the conv's last k inputs; h (b, d, n))
+        or zeros. mask (b, l), 1 at tokens and 0 at pads: pads are zeroed before in_proj and after
+        the conv (as in transformers' Jamba), so pads before a row's tokens leave its state
+        alone."""
         l, k = x.shape[1], self.d_conv
         keep = None if mask is None else mask[:, None].to(x.dtype)       # (b, 1, l)  0 at pads
         scan = _scan_function(self.scan, x.device)
-        x_in, z = self.in_proj(x if keep is None else x * keep.mT).mT.chunk(2, dim=1)   # (b, d, l) each
-        if state is not None:                                           # the conv's inputs before x's
-            x_in = torch.cat([state[0][..., 1:], x_in], dim=2)          # (b, d, k - 1 + l)
+        x_in, z = self.in_proj(x if keep is None else x * keep.mT).mT.chunk(2, 1)   # (b, d, l) each
+        # the conv's inputs before x's
+        if state is not None:
+            x_in = torch.cat([state[0][..., 1:], x_in], 2)          # (b, d, k - 1 + l)
         x_conv = self._conv(x_in, fused=scan is selective_scan_fused)[..., -l:]   # (b, d, l)
         if keep is not None:
             x_conv = x_conv * keep
@@ -306,12 +321,13 @@ class MambaBlock(nn.Module):
         return self.out_proj(y.mT), (conv_state, h)                     # (b, l, m)
 
     def step(self, x, state):
-        """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and the
-        state (conv_state (b, d, k), h (b, d, n), whose dtype the SSM computes in) -> (out (b, m),
-        the new state): Figure 3 at one position, the sequential scan's loop body once; O(1)."""
+        """The recurrent mode ([Mamba] Section 3.4, the reference's step): one token x (b, m) and
+        the state (conv_state (b, d, k), h (b, d, n), whose dtype the SSM computes in) ->
+        (out (b, m), the new state): Figure 3 at one position, the sequential scan's loop body once;
+        O(1)."""
         conv_state, h = state
-        x_in, z = self.in_proj(x).chunk(2, dim=-1)                      # (b, d) each
-        conv_state = torch.cat([conv_state[..., 1:], x_in[..., None]], dim=-1)   # (b, d, k)
+        x_in, z = self.in_proj(x).chunk(2, -1)                      # (b, d) each
+        conv_state = torch.cat([conv_state[..., 1:], x_in[..., None]], -1)   # (b, d, k)
         x_conv = F.silu(torch.einsum("bdk,dk->bd", conv_state, self.conv1d.weight[:, 0])
                         + self.conv1d.bias)                             # (b, d)
         delta, B, C = self._delta_B_C(x_conv)                           # (b, d), (b, n), (b, n)
@@ -335,8 +351,8 @@ def _rotary(x, positions):
     inv_freq = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=compute) / e)   # (e/2,)
     angle = positions[:, None, :, None].to(compute) * inv_freq          # (b, 1, l, e/2)
     cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x.to(compute).chunk(2, dim=-1)                             # (b, h, l, e/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    x1, x2 = x.to(compute).chunk(2, -1)                             # (b, h, l, e/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
 
 
 class AttentionCache(NamedTuple):
@@ -370,7 +386,8 @@ class AttentionBlock(nn.Module):
         self.nhead, self.num_key_value_heads = nhead, num_key_value_heads or nhead
         self.head_size, self.dropout, self.rotary = d_model // nhead, dropout, rotary
         self.max_seq_length, g_e = max_seq_length, self.num_key_value_heads * self.head_size
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (          # m -> h e = m, g e, g e; m -> m
+        # m -> h e = m, g e, g e; m -> m
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             nn.Linear(d_model, size, bias=False) for size in (d_model, g_e, g_e, d_model))
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -383,15 +400,15 @@ class AttentionBlock(nn.Module):
         return q, k, v
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
-        """Each query head attends with its group's key/value head: q (b, h, l, e); k, v (b, g, s, e);
-        mask (b, 1, l, s), True where a query may attend -> (b, l, m)."""
+        """Each query head attends with its group's key/value head: q (b, h, l, e);
+        k, v (b, g, s, e); mask (b, 1, l, s), True where a query may attend -> (b, l, m)."""
         y = F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0,
                                            is_causal, enable_gqa=k.shape[1] != q.shape[1])
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).flatten(2)))   # (b, l, m)
 
     def forward(self, x, mask=None):
-        """x (b, l, m) -> (b, l, m): each position attends to itself and the positions before it (l is
-        at most max_seq_length, as Jamba.forward ensures); mask as in prefill."""
+        """x (b, l, m) -> (b, l, m): each position attends to itself and the positions before it
+        (l is at most max_seq_length, as Jamba.forward ensures); mask as in prefill."""
         if mask is not None:
             return self.prefill(x, mask=mask)[0]
         q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device)[None])   # (b, ., l, e)
@@ -399,8 +416,9 @@ class AttentionBlock(nn.Module):
 
     def prefill(self, x, state=None, mask=None):
         """The parallel mode of generation: x (b, l, m), the steps after state's (or the first) ->
-        (out (b, l, m), the cache with x's keys and values appended). Each query attends to the tokens
-        among the last max_seq_length steps, the cache's and x's own; mask (b, l) has 0 at pads."""
+        (out (b, l, m), the cache with x's keys and values appended). Each query attends to the
+        tokens among the last max_seq_length steps, the cache's and x's own; mask (b, l): 0 at
+        pads."""
         b, l, _ = x.shape
         is_token = x.new_ones(b, l, dtype=torch.bool) if mask is None else mask.bool()   # (b, l)
         first = 0 if state is None else state.next_position             # (b, 1)
@@ -417,9 +435,10 @@ class AttentionBlock(nn.Module):
                             visible | causal.triu(s - l)), state
 
     def step(self, x, state):
-        """One token x (b, m) and its cache -> (out (b, m), the cache, appended to in place): prefill
-        for one query, over the last max_seq_length steps; masked only where the cache has pads."""
-        q, k, v = self._qkv(x.unsqueeze(1), state.next_position)        # (b, h, 1, e), (b, g, 1, e)
+        """One token x (b, m) and its cache -> (out (b, m), the cache, appended to in place):
+        prefill for one query, over the last max_seq_length steps; masked only where the cache has
+        pads."""
+        q, k, v = self._qkv(x[:, None], state.next_position)        # (b, h, 1, e), (b, g, 1, e)
         token = state.next_position >= 0                                # (b, 1)  True
         state = self._append(state, k, v, token, state.next_position + 1, state.pads)
         seen = slice(max(0, state.length - self.max_seq_length), state.length)
@@ -427,17 +446,17 @@ class AttentionBlock(nn.Module):
         return self._attend(q, state.keys[:, :, seen], state.values[:, :, seen], mask)[:, 0], state
 
     def _append(self, cache, k, v, is_token, next_position, pads):
-        """cache (or None) with l more steps written into its free slots: k, v (b, g, l, e), is_token
-        (b, l). When too few slots are free, the steps a later query can still see (the last
-        max_seq_length - 1) move to a new room, twice what they and the new steps need: a copy every
-        max_seq_length steps or so, not one per step."""
+        """cache (or None) with l more steps written into its free slots: k, v (b, g, l, e),
+        is_token (b, l). When too few slots are free, the steps a later query can still see (the
+        last max_seq_length - 1) move to a new room, twice what they and the new steps need: a copy
+        every max_seq_length steps or so, not one per step."""
         new = (k, v, is_token[:, None, :, None])                        # (b, ., l, .)
         n, l = (0 if cache is None else cache.length), k.shape[2]
         if cache is None or n + l > cache.keys.shape[2]:
             kept = min(n, self.max_seq_length - 1)
             old = [t[:, :, :0] for t in new] if cache is None else cache[:3]
             cache = AttentionCache(*(torch.cat([o[:, :, n - kept:n], t.new_empty(
-                *t.shape[:2], kept + 2 * l, t.shape[3])], dim=2) for o, t in zip(old, new)), kept, 0, 0)
+                *t.shape[:2], kept + 2 * l, t.shape[3])], 2) for o, t in zip(old, new)), kept, 0, 0)
             n = kept
         for buffer, t in zip(cache, new):
             buffer[:, :, n:n + l] = t
@@ -453,7 +472,8 @@ class MLP(nn.Module):
 
     def __init__(self, d_model, dim_feedforward, dropout=0.0):
         super().__init__()
-        self.gate_proj, self.up_proj = (nn.Linear(d_model, dim_feedforward, bias=False) for _ in range(2))
+        self.gate_proj, self.up_proj = (
+            nn.Linear(d_model, dim_feedforward, bias=False) for _ in range(2))
         self.down_proj = nn.Linear(dim_feedforward, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
@@ -473,21 +493,23 @@ class MixtureOfExperts(nn.Module):
 
     def __init__(self, d_model, dim_feedforward, num_experts, num_experts_per_tok=2, dropout=0.0):
         super().__init__()
-        _check_settings(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok)
+        _check_settings(**locals())               # every argument, by name
         self.num_experts_per_tok = num_experts_per_tok
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(d_model, dim_feedforward, dropout) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            MLP(d_model, dim_feedforward, dropout) for _ in range(num_experts))
         self.router_probs = None
 
     def forward(self, x):
         """x (..., m) -> the same shape."""
         tokens = x.flatten(0, -2)                                       # (t, m)
-        self.router_probs = F.softmax(self.router(tokens), dim=-1,
+        self.router_probs = F.softmax(self.router(tokens), -1,
                                       dtype=torch.promote_types(x.dtype, torch.float32))   # (t, E)
-        weights, chosen = self.router_probs.topk(self.num_experts_per_tok, dim=-1)   # (t, K) each
+        weights, chosen = self.router_probs.topk(self.num_experts_per_tok, -1)   # (t, K) each
         out = torch.zeros_like(tokens)                                  # (t, m)
         for e, expert in enumerate(self.experts):
-            token, k = torch.where(chosen == e)                         # (t_e,) the tokens that chose e
+            # (t_e,) the tokens that chose e
+            token, k = torch.where(chosen == e)
             # An expert no token chose still runs, on no rows, so that its weights get a zero
             # gradient rather than none (which DistributedDataParallel takes for an unused one).
             out.index_add_(0, token, weights[token, k, None].to(x.dtype) * expert(tokens[token]))
@@ -502,9 +524,10 @@ def load_balancing_loss(router_probs, num_experts_per_tok, token_mask=None):
     (t, E) tensor per MoE layer; token_mask (t,): the tokens to count (not pads), or None."""
     probs = torch.cat(router_probs)                                     # (T, E)  every layer's
     E = probs.shape[1]
-    weight = probs.new_ones(len(probs)) if token_mask is None else token_mask.to(probs.dtype).repeat(
-        len(router_probs))                                              # (T,)
-    chosen = probs.topk(num_experts_per_tok, dim=-1).indices            # (T, K)
+    # (T,): each token's weight in the means
+    weight = probs.new_ones(len(probs)) if token_mask is None else \
+        token_mask.to(probs.dtype).repeat(len(router_probs))
+    chosen = probs.topk(num_experts_per_tok, -1).indices            # (T, K)
     f = weight @ F.one_hot(chosen, E).sum(1).to(probs.dtype) / weight.sum()   # (E,)  Eq. (5) x K
     P = weight @ probs / weight.sum()                                   # (E,)  Eq. (6)
     return E * (f * P).sum()                                            # Eq. (4)
@@ -532,8 +555,9 @@ def layer_schedule(num_mamba_layers, num_transformer_layers, attn_layer_period=N
 
 @dataclasses.dataclass
 class JambaConfig:
-    """Every setting of the model, in one place: Jamba(config) or Jamba(**settings), checkpoints and
-    train_tiny.py's flags all read it. Names follow the public Jamba configuration where it has one."""
+    """Every setting of the model, in one place: Jamba(config) or Jamba(**settings), checkpoints
+    and train_tiny.py's flags all read it. Names follow the public Jamba configuration's where it
+    has the setting."""
     vocab_size: int
     d_model: int                       # the residual width m (Jamba: hidden_size, 4096)
     num_mamba_layers: int              # 0 gives a plain transformer
@@ -605,24 +629,27 @@ class Jamba(nn.Module):
 
     def __init__(self, config=None, **settings):
         super().__init__()
-        self.config = c = JambaConfig(**settings) if config is None else _check_config(config, settings)
+        self.config = c = JambaConfig(**settings) if config is None else config
+        # a given config checked too; its plan
+        self.layer_pattern = _check_config(c, config and settings)
         m, eps = c.d_model, c.rms_norm_eps
-        self.layer_pattern = layer_schedule(c.num_mamba_layers, c.num_transformer_layers,
-                                            c.attn_layer_period, c.attn_layer_offset)
-        self.mlp_pattern = "".join("E" if c.num_experts > 1 and i % c.expert_layer_period ==
-                                   c.expert_layer_offset else "D" for i in range(len(self.layer_pattern)))
+        self.mlp_pattern = "".join(
+            "E" if c.num_experts > 1 and i % c.expert_layer_period == c.expert_layer_offset else "D"
+            for i in range(len(self.layer_pattern)))
         self.embed_tokens = nn.Embedding(c.vocab_size, m)
         self.layers = nn.ModuleList(JambaLayer(
-            MambaBlock(m, c.d_state, c.d_conv, c.expand, c.dt_rank, True, eps, c.scan) if kind == "M" else
-            AttentionBlock(m, c.nhead, c.dropout, c.max_seq_length, c.rotary and "M" not in self.layer_pattern[:i],
-                           c.num_key_value_heads),
+            MambaBlock(m, c.d_state, c.d_conv, c.expand, c.dt_rank, True, eps, c.scan)
+            if kind == "M" else AttentionBlock(m, c.nhead, c.dropout, c.max_seq_length,
+                                               c.rotary and "M" not in self.layer_pattern[:i],
+                                               c.num_key_value_heads),
             MixtureOfExperts(m, c.dim_feedforward, c.num_experts, c.num_experts_per_tok,
                              c.dropout) if mlp == "E" else MLP(m, c.dim_feedforward, c.dropout),
             m, eps) for i, (kind, mlp) in enumerate(zip(self.layer_pattern, self.mlp_pattern)))
         self.final_layernorm = nn.RMSNorm(m, eps=eps)
         self.lm_head = nn.Linear(m, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight              # weight tying (Press & Wolf)
+            # weight tying (Press & Wolf)
+            self.lm_head.weight = self.embed_tokens.weight
         self.aux_loss = None
         # GPT-2's init, leaving the Mamba block's own (dt_proj, conv1d, A_log, D) as it made them:
         # N(0, 0.02), and the projections that write into the residual stream scaled by 1/sqrt(2 N),
@@ -637,7 +664,8 @@ class Jamba(nn.Module):
 
     def forward(self, idx=None, targets=None, attention_mask=None, inputs_embeds=None,
                 return_hidden=False):
-        """idx (b, l) token ids, l <= max_seq_length -> (logits (b, l, v), mean cross-entropy or None).
+        """idx (b, l) token ids, l <= max_seq_length -> (logits (b, l, v), mean cross-entropy loss
+        or None).
         targets (b, l): the next token at each position; -1 marks positions to ignore, as do pads.
         attention_mask (b, l): 1 for tokens, 0 for pads (any pattern here; generate needs left
         padding), which Mamba layers zero, attention layers never attend to, and the load-balancing
@@ -651,15 +679,15 @@ class Jamba(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         x = self.final_layernorm(x)                                     # (b, l, m)
-        routers = [layer.feed_forward.router_probs for layer in self.layers
-                   if isinstance(layer.feed_forward, MixtureOfExperts)]
+        routers = [moe.router_probs for moe in self.modules() if isinstance(moe, MixtureOfExperts)]
         self.aux_loss = load_balancing_loss(routers, self.config.num_experts_per_tok, None if mask
                                             is None else mask.flatten()) if routers else None
         logits = x if return_hidden else self.lm_head(x)                # (b, l, v) or (b, l, m)
         if targets is None:                                             # return_hidden: always
             return logits, None
         targets = targets if mask is None else targets.masked_fill(~mask, -1)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(),
+                               ignore_index=-1)
         if self.aux_loss is not None:
             loss = loss + self.config.router_aux_loss_coef * self.aux_loss
         return logits, loss
@@ -679,24 +707,23 @@ class Jamba(nn.Module):
         mask = _check_inputs(self, idx, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                              states=states, left_padded=True)
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds   # (b, l, m)
-        new_states = []
-        for layer, state in zip(self.layers, states or [None] * len(self.layers)):
-            x, state = layer.prefill(x, state, mask)
-            new_states.append(state)
+        states = list(states or [None] * len(self.layers))
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer.prefill(x, states[i], mask)
         x = self.final_layernorm(x)                                     # (b, l, m)
-        return (x if return_hidden else self.lm_head(x)), new_states   # (b, l, v) or (b, l, m)
+        return (x if return_hidden else self.lm_head(x)), states       # (b, l, v) or (b, l, m)
 
     def step(self, token, states, inputs_embeds=None, return_hidden=False):
         """The recurrent pass: one token per sequence (b,) and the states -> (logits (b, v), the new
-        states). inputs_embeds (b, m) in place of token (then None), and return_hidden, as forward."""
+        states). inputs_embeds (b, m) in place of token (then None), and return_hidden, as in
+        forward."""
         _check_step(self, token, inputs_embeds)
         x = self.embed_tokens(token) if inputs_embeds is None else inputs_embeds   # (b, m)
-        new_states = []
-        for layer, state in zip(self.layers, states):
-            x, state = layer.step(x, state)
-            new_states.append(state)
+        states = list(states)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer.step(x, states[i])
         x = self.final_layernorm(x)                                     # (b, m)
-        return (x if return_hidden else self.lm_head(x)), new_states   # (b, v) or (b, m)
+        return (x if return_hidden else self.lm_head(x)), states       # (b, v) or (b, m)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None):
@@ -713,20 +740,21 @@ class Jamba(nn.Module):
         for start in range(0, idx.shape[1], piece):
             logits, states = self.prefill(idx[:, start:start + piece], states,
                                           None if mask is None else mask[:, start:start + piece])
-        logits, new_tokens = logits[:, -1], []                          # (b, v)
+        logits = logits[:, -1]                                          # (b, v)
         for i in range(max_new_tokens):
             if temperature == 0:
-                token = logits.argmax(dim=-1)                           # (b,)
+                token = logits.argmax(-1)                           # (b,)
             else:
                 scaled = logits.float() / temperature                   # (b, v)
-                if top_k is not None:                                   # below the k-th largest: out
-                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]   # (b, 1)
+                # below the k-th largest: out
+                if top_k is not None:
+                    kth = scaled.topk(min(top_k, scaled.shape[-1]), -1).values[:, -1:]   # (b, 1)
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(scaled, dim=-1), num_samples=1)[:, 0]   # (b,)
-            new_tokens.append(token)
+                token = torch.multinomial(F.softmax(scaled, -1), num_samples=1)[:, 0]   # (b,)
+            idx = torch.cat([idx, token[:, None].to(idx.dtype)], 1)    # (b, l + i + 1)
             if i + 1 < max_new_tokens:
                 logits, states = self.step(token, states)
-        return torch.cat([idx, *(token[:, None].to(idx.dtype) for token in new_tokens)], dim=1)
+        return idx
 
 
 def pad_prompts(prompts, pad_id=0):
@@ -735,8 +763,9 @@ def pad_prompts(prompts, pad_id=0):
     pad_id then its prompt."""
     _check_prompts(prompts)
     l = max(map(len, prompts))
-    idx = torch.stack([F.pad(p, (l - len(p), 0), value=pad_id) for p in prompts])   # (b, l)
-    return idx, torch.stack([F.pad(torch.ones_like(p), (l - len(p), 0)) for p in prompts])
+    # (b, l) twice: pad_id, then each prompt; and its mask, 0 at the pads
+    return (torch.stack([F.pad(p, (l - len(p), 0), value=pad_id) for p in prompts]),
+            torch.stack([F.pad(torch.ones_like(p), (l - len(p), 0)) for p in prompts]))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -746,14 +775,13 @@ def pad_prompts(prompts, pad_id=0):
 # each rule written once.
 
 def _check_settings(**s):
-    """Every setting's rule, in one place: the blocks, JambaConfig and generate give theirs by name."""
+    """Every setting's rule, in one place: the blocks, JambaConfig and generate give theirs by
+    name."""
     for name, value in s.items():
-        if name not in ("vocab_size d_model num_mamba_layers num_transformer_layers nhead dim_feedforward "
-                        "max_seq_length d_state d_conv expand dt_rank num_key_value_heads num_experts "
-                        "num_experts_per_tok max_new_tokens top_k").split() or (name, value) in (
-                ("dt_rank", "auto"), ("num_key_value_heads", None), ("top_k", None)):
+        if name not in ["vocab_size", "d_model", "num_mamba_layers", "num_transformer_layers", "nhead", "dim_feedforward", "max_seq_length", "d_state", "d_conv", "expand", "dt_rank", "num_experts", "num_key_value_heads", "num_experts_per_tok", "max_new_tokens", "top_k"] or (
+                name, value) in (("dt_rank", "auto"), ("num_key_value_heads", None), ("top_k", None)):
             continue
-        low = 0 if name in "num_mamba_layers num_transformer_layers max_new_tokens".split() else 1
+        low = 0 if name in ["num_mamba_layers", "num_transformer_layers", "max_new_tokens"] else 1
         high = s["num_experts"] if name == "num_experts_per_tok" else None
         if type(value) is not int or value < low or high and value > high:
             allowed = f"an int in [1, num_experts={high}]" if high else \
@@ -761,35 +789,35 @@ def _check_settings(**s):
             raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if not 0 <= s.get("dropout", 0) < 1:
         raise ValueError(f"dropout must be in [0, 1), got {s['dropout']!r}")
-    if s.get("scan", "auto") not in "auto fused parallel sequential".split():
-        raise ValueError(f"scan must be one of auto, fused, parallel, sequential, got {s['scan']!r}")
+    if s.get("scan", "auto") not in ["auto", "fused", "parallel", "sequential"]:
+        raise ValueError(f"scan must be auto, fused, parallel or sequential, got {s['scan']!r}")
     if type(temperature := s.get("temperature", 0)) not in (int, float) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if "nhead" in s and s["d_model"] % ((2 if s["rotary"] else 1) * s["nhead"]):   # rotary: an even head size
-        raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with rotary),"
-                         f" got d_model={s['d_model']}, nhead={s['nhead']}")
+    # rotary: an even head size
+    if "nhead" in s and s["d_model"] % ((2 if s["rotary"] else 1) * s["nhead"]):
+        raise ValueError(f"d_model must be a multiple of nhead (and d_model // nhead even with "
+                         f"rotary), got d_model={s['d_model']}, nhead={s['nhead']}")
     if s.get("num_key_value_heads") and s["nhead"] % s["num_key_value_heads"]:
-        raise ValueError(f"nhead must be a multiple of num_key_value_heads, got nhead={s['nhead']}, "
-                         f"num_key_value_heads={s['num_key_value_heads']}")
+        raise ValueError(f"nhead must be a multiple of num_key_value_heads, got "
+                         f"nhead={s['nhead']}, num_key_value_heads={s['num_key_value_heads']}")
 
 
 def _check_config(c, settings=None):
-    """A JambaConfig (and no settings beside it): its settings, then what only the whole model knows:
-    layers, periods, offsets. Returns it."""
+    """A JambaConfig (and no settings beside it): its settings, then what only the whole model
+    knows: layers, periods, offsets. Returns its layer pattern."""
     if not isinstance(c, JambaConfig) or settings:
         raise TypeError("Jamba takes a JambaConfig or its fields as keyword arguments, not both")
     _check_settings(**dict(vars(c), rotary=False,
                            num_experts_per_tok=c.num_experts_per_tok if c.num_experts > 1 else 1))
     n = c.num_mamba_layers + c.num_transformer_layers
     if n == 0:
-        raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0 layers")
-    if (c.attn_layer_period is None) != (c.attn_layer_offset is None):
-        raise ValueError("give attn_layer_period and attn_layer_offset together, or neither")
-    for name, used in (("attn_layer", c.attn_layer_period is not None), ("expert_layer", c.num_experts > 1)):
+        raise ValueError("num_mamba_layers + num_transformer_layers must be at least 1, got 0")
+    for name, used in (("attn_layer", (c.attn_layer_period, c.attn_layer_offset) != (None, None)),
+                       ("expert_layer", c.num_experts > 1)):
         period, offset = getattr(c, f"{name}_period"), getattr(c, f"{name}_offset")
         if used and not (type(period) is type(offset) is int and 0 <= offset < period):
             raise ValueError(f"{name}_period and {name}_offset must be ints with 0 <= offset < "
-                             f"period, got {period!r} and {offset!r}")
+                             f"period, got {period!r} and {offset!r} (give both together, or neither)")
     pattern = layer_schedule(c.num_mamba_layers, c.num_transformer_layers, c.attn_layer_period,
                              c.attn_layer_offset)
     if pattern.count("A") != c.num_transformer_layers:
@@ -801,25 +829,26 @@ def _check_config(c, settings=None):
                          f"num_experts={c.num_experts} would never be used")
     if c.rotary and pattern.startswith("A"):          # rotary attention layers: an even head size
         _check_settings(d_model=c.d_model, nhead=c.nhead, rotary=True)
-    return c
+    return pattern
 
 
 def _check_scan_args(*args):
-    """The selective scans' arguments u, delta, A, B, C, D, z, delta_bias, initial_state, in that order:
-    tensors (D, z, delta_bias, initial_state may be None) whose shapes fit together."""
-    shapes = dict(u="bdl", delta="bdl", A="dn", B="bnl", C="bnl", D="d", z="bdl", delta_bias="d",
-                  initial_state="bdn")                                  # in the glossary's letters
+    """The selective scans' arguments u, delta, A, B, C, D, z, delta_bias, initial_state, in
+    that order: tensors (D, z, delta_bias, initial_state may be None) whose shapes fit together."""
+    shapes = {"u": "bdl", "delta": "bdl", "A": "dn", "B": "bnl", "C": "bnl", "D": "d", "z": "bdl", "delta_bias": "d",
+                  "initial_state": "bdn"}                                  # in the glossary's letters
     for name, value in zip(shapes, args):
         if not isinstance(value, torch.Tensor) and (value is not None or name in "u delta A B C"):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     u, A = args[0], args[2]
     if u.dim() != 3 or u.shape[2] == 0:
-        raise ValueError(f"u must have shape (b, d, l) with at least one time step (l >= 1)")
+        raise ValueError("u must have shape (b, d, l) with at least one time step (l >= 1)")
     size = dict(zip("bdln", (*u.shape, A.shape[-1])))
     for (name, letters), value in zip(shapes.items(), args):
         shape = tuple(size[letter] for letter in letters)
         if value is not None and (value.shape != shape or value.is_complex()):
-            raise ValueError(f"{name} must have shape {shape}, real (u is (b, d, l) = {tuple(u.shape)})")
+            raise ValueError(f"{name} must have shape {shape}, real (u's (b, d, l) is "
+                             f"{tuple(u.shape)})")
 
 
 def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=None,
@@ -830,17 +859,18 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     them. Returns the mask as bool, or None."""
     c, embeds = model.config, inputs_embeds is not None
     if (idx is None) != embeds or return_hidden and targets is not None:
-        raise ValueError("give exactly one of idx (token ids) and inputs_embeds (vectors), not both or"
-                         " neither" if targets is None else "return_hidden=True gives hidden states, "
-                         "not logits: there is no loss for targets")
+        raise ValueError("give exactly one of idx (token ids) and inputs_embeds (vectors), not "
+                         "both or neither" if targets is None else "return_hidden=True gives "
+                         "hidden states, not logits: there is no loss for targets")
     name, x = ("inputs_embeds", inputs_embeds) if embeds else ("idx", idx)
     dtypes = [model.embed_tokens.weight.dtype] if embeds else [torch.int64, torch.int32]
     if getattr(x, "dtype", None) not in dtypes:
-        wanted = f"the model's dtype {dtypes[0]}" if embeds else "token ids, torch.int64 or torch.int32"
-        raise TypeError(f"{name} must be a torch.Tensor of {wanted}, got {getattr(x, 'dtype', type(x).__name__)}")
+        wanted = f"the model's dtype {dtypes[0]}" if embeds else "ids, torch.int64 or torch.int32"
+        raise TypeError(f"{name} must be a torch.Tensor of {wanted}, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 2 + embeds or x.shape[1] == 0 or embeds and x.shape[2] != c.d_model:
-        raise ValueError(f"{name} must have shape (b, l{f', d_model={c.d_model}' * embeds}) with l >= 1, "
-                         f"got {tuple(x.shape)} (no empty sequence)")
+        raise ValueError(f"{name} must have shape (b, l{f', d_model={c.d_model}' * embeds}) with "
+                         f"l >= 1, got {tuple(x.shape)} (no empty sequence)")
     if not embeds and (idx.min() < 0 or idx.max() >= c.vocab_size):
         raise ValueError(f"idx holds ids in [{idx.min().item()}, {idx.max().item()}], outside "
                          f"[0, vocab_size={c.vocab_size})")
@@ -851,8 +881,19 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
         if value is not None and getattr(value, "shape", None) != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{name} must be a tensor of shape (b, l) = {tuple(shape)}, got {got}")
-    if states is not None:
-        _check_states(model, states, shape[0])
+    n = len(model.layers)
+    if states is not None and (not isinstance(states, (list, tuple)) or len(states) != n):
+        raise ValueError(f"states must be the list of {n} layer states that prefill or step "
+                         "returned")
+    for i, state in enumerate(states or []):      # each as its layer's prefill or step returned it
+        mixer, b = model.layers[i].mixer, shape[0]
+        mamba = isinstance(mixer, MambaBlock)
+        shape_h = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
+        if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
+                getattr(state[1], "shape", ())[:len(shape_h)] != shape_h:
+            raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) "
+                             f"for a batch of {b}: give the states this model's prefill or step "
+                             "returned")
     if attention_mask is None:
         return None
     if attention_mask.is_floating_point() or (attention_mask != attention_mask.bool()).any():
@@ -861,26 +902,11 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     if not attention_mask.any():
         raise ValueError("attention_mask marks every position as a pad: there is no token to read")
     mask = attention_mask.bool()
-    # A pad after a token would decay the Mamba states and fill the conv window: not the tokens' state.
+    # A pad after a token would decay the Mamba state and fill its conv window: not the tokens'.
     if left_padded and not torch.equal(mask, mask.cummax(1).values):
-        raise ValueError("attention_mask must be left-padded for generate and prefill: each row's pads (0) "
-                         "before its tokens (1); pad_prompts(prompts, pad_id) makes such a batch")
+        raise ValueError("attention_mask must be left-padded for generate and prefill: each row's "
+                         "pads (0) before its tokens (1); pad_prompts(prompts, pad_id) makes one")
     return mask
-
-
-def _check_states(model, states, b):
-    """states as prefill or step returned them, for this model and a batch of b sequences."""
-    if not isinstance(states, (list, tuple)) or len(states) != len(model.layers):
-        raise ValueError(f"states must be the list of {len(model.layers)} layer states that prefill "
-                         "or step returned")
-    for i, state in enumerate(states):
-        mixer = model.layers[i].mixer
-        mamba = isinstance(mixer, MambaBlock)
-        shape = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
-        if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
-                getattr(state[1], "shape", ())[:len(shape)] != shape:
-            raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) for a "
-                             f"batch of {b}: give the states this model's prefill or step returned")
 
 
 def _check_step(model, token, inputs_embeds):
@@ -888,7 +914,8 @@ def _check_step(model, token, inputs_embeds):
     would cost more than the step on a GPU (reading a value back waits for the device)."""
     if inputs_embeds is not None:
         if getattr(inputs_embeds, "ndim", 0) != 2:
-            raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of shape (b, m)")
+            raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of "
+                             "shape (b, m)")
         inputs_embeds = inputs_embeds[:, None]                          # (b, 1, m), as prefill's
     if token is None or inputs_embeds is not None:
         _check_inputs(model, token, inputs_embeds=inputs_embeds)
@@ -896,7 +923,8 @@ def _check_step(model, token, inputs_embeds):
 
 def _check_generate(model, idx, max_new_tokens, temperature, top_k, attention_mask):
     """generate's settings and prompt, its attention_mask left-padded: the mask as bool, or None."""
-    _check_settings(**locals())                   # the settings among them: max_new_tokens, temperature, top_k
+    # the settings among them: max_new_tokens, temperature, top_k
+    _check_settings(**locals())
     mask = _check_inputs(model, idx, attention_mask=attention_mask, left_padded=True)
     if mask is not None and not mask[:, -1].all():
         raise ValueError("attention_mask must end every row with a token (1) for generate")
@@ -944,22 +972,15 @@ def _scan_function(scan, device):
     parallel scan."""
     if scan == "auto":
         scan = "fused" if device.type == "cpu" and _fused() else "parallel"
-    elif scan == "fused":
-        _fused(required=True)
     return {"fused": selective_scan_fused, "parallel": selective_scan_parallel,
             "sequential": selective_scan_sequential}[scan]
 
 
 def _mixer_step(mixer, x, state):
-    """mixer.step(x, state); for a Mamba block whose scan is the fused one, with no gradient wanted
-    and a float32 or float64 model (weights and state alike), the same arithmetic from in_proj's
-    output to out_proj's input in one call of the fused kernels: dozens of small torch ops fewer."""
-    if not isinstance(mixer, MambaBlock) or torch.is_grad_enabled() or not \
-            x.dtype == state[0].dtype == state[1].dtype or \
-            _scan_function(mixer.scan, x.device) is not selective_scan_fused:
-        return mixer.step(x, state)
-    y, conv_state, h = _fused().mamba_step(mixer, mixer.in_proj(x), *state)   # (b, d), new state
-    return mixer.out_proj(y), (conv_state, h)
+    """mixer.step(x, state); a Mamba block whose scan is the fused one steps through kernels/fused.py,
+    which does the same arithmetic in one kernel call where it can: dozens of small torch ops fewer."""
+    fused = isinstance(mixer, MambaBlock) and _scan_function(mixer.scan, x.device) is selective_scan_fused
+    return _fused().step(mixer, x, state) if fused else mixer.step(x, state)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -974,19 +995,18 @@ def _mixer_step(mixer, x, state):
 _HF_CONFIG_NAMES = dict(
     d_model="hidden_size", dim_feedforward="intermediate_size", nhead="num_attention_heads",
     max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
-    expand="mamba_expand", dt_rank="mamba_dt_rank", **{name: name for name in (
-        "vocab_size num_key_value_heads num_experts num_experts_per_tok expert_layer_period "
-        "expert_layer_offset router_aux_loss_coef attn_layer_period attn_layer_offset "
-        "tie_word_embeddings rms_norm_eps").split()})
-_HF_FIXED = dict(hidden_act="silu", mamba_conv_bias=True, mamba_proj_bias=False)
+    expand="mamba_expand", dt_rank="mamba_dt_rank", **{name: name for name in ["vocab_size", "num_key_value_heads", "num_experts", "num_experts_per_tok", "expert_layer_period", "expert_layer_offset", "router_aux_loss_coef", "attn_layer_period", "attn_layer_offset", "tie_word_embeddings", "rms_norm_eps"]})
+_HF_FIXED = {"hidden_act": "silu", "mamba_conv_bias": True, "mamba_proj_bias": False}
 _HF_DEFAULTS = dict(
     vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-    max_position_embeddings=262144, num_experts=16, attn_layer_period=8, attn_layer_offset=4, **_HF_FIXED)
+    max_position_embeddings=262144, num_experts=16, attn_layer_period=8, attn_layer_offset=4,
+    **_HF_FIXED)
 
 
 def _safetensors():
-    """safetensors.torch, imported where a checkpoint is read or written; missing, one line says so."""
+    """safetensors.torch, imported where a checkpoint is read or written; missing, one line says
+    so."""
     try:
         import safetensors.torch
     except ImportError:
@@ -1008,67 +1028,36 @@ def _hf_names(model):
 
 
 def _from_pretrained(cls, path, dtype=None):
-    """A JambaForCausalLM checkpoint from a local directory (config.json and model.safetensors, or the
-    shards model.safetensors.index.json lists; nothing is downloaded), with exactly its plan, in its
-    stored dtype unless dtype is given, in eval mode; needs safetensors. Built on the meta device, the
-    model takes the checkpoint's tensors as its parameters (one copy in memory). Experts come one by
-    one (experts.{e}.gate_proj, the released files) or stacked in two tensors per layer
+    """A JambaForCausalLM checkpoint from a local directory (config.json and model.safetensors, or
+    the shards model.safetensors.index.json lists; nothing is downloaded), with exactly its plan, in
+    its stored dtype unless dtype is given, in eval mode; needs safetensors. Built on the meta
+    device, the model takes the checkpoint's tensors as its parameters (one copy in memory). Experts
+    come one by one (experts.{e}.gate_proj, the released files) or stacked in two tensors per layer
     (experts.gate_up_proj and down_proj, as recent transformers keeps them)."""
-    config, files = _read_hf_config(Path(path))
-    hf_state, load_file = {}, _safetensors().load_file
-    for file in files:
-        hf_state.update(load_file(file))
-    for key in [key for key in hf_state if key.endswith(".experts.gate_up_proj")]:
-        prefix = key.removesuffix("gate_up_proj")
-        gate, up = hf_state.pop(key).chunk(2, dim=1)                   # (E, f, m) each
-        for e, down in enumerate(hf_state.pop(prefix + "down_proj", [])):   # (m, f) each; none: reported below
-            hf_state.update({f"{prefix}{e}.gate_proj.weight": gate[e], f"{prefix}{e}.up_proj.weight": up[e],
-                             f"{prefix}{e}.down_proj.weight": down})
-    with torch.device("meta"):
-        model = cls(config)
-    if config.tie_word_embeddings:                # the embedding's tensor, stored twice or not
-        hf_state.pop("lm_head.weight", None)
-    state = model.state_dict()                    # meta tensors, each replaced by the checkpoint's
-    for key, name in _hf_names(model).items():
-        if name not in hf_state:
-            raise ValueError(f"the checkpoint has no tensor {name!r}, which its config.json implies"
-                             + " (nor experts.gate_up_proj)" * (".experts." in name))
-        if hf_state[name].shape != state[key].shape:
-            raise ValueError(f"{name} has shape {tuple(hf_state[name].shape)} in the checkpoint, but "
-                             f"its config.json gives it {tuple(state[key].shape)}")
-        state[key] = hf_state.pop(name).to(dtype)
-    if hf_state:
-        raise ValueError(f"the checkpoint has {len(hf_state)} tensors its config.json does not "
-                         f"account for, e.g. {sorted(hf_state)[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:                # assign=True made new Parameters (a tied head's meta): tie
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
-
-
-def _read_hf_config(path):
-    """(JambaConfig, safetensors files) of a JambaForCausalLM directory; any problem raises before a
-    tensor is read."""
+    # config.json and the shards first: problems raise here
+    path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"path {str(path)!r} " + ("has no config.json: not a Hugging Face checkpoint "
-                         "directory" if path.is_dir() else "is not a directory: give the local "
-                         "directory of a Jamba checkpoint"))
+        raise ValueError(f"path {str(path)!r} " + ("has no config.json: not a Hugging Face "
+                         "checkpoint directory" if path.is_dir() else "is not a directory: give "
+                         "the local directory of a Jamba checkpoint"))
     try:
         hf = {**_HF_DEFAULTS, **json.loads(config_file.read_text(encoding="utf-8"))}
     except ValueError as err:                     # UnicodeDecodeError among them
         raise ValueError(f"{config_file}: not readable JSON ({err})") from None
     unsupported = {key: hf[key] for key, ours in _HF_FIXED.items() if hf[key] != ours}
     if hf.get("model_type") != "jamba" or unsupported:
-        raise ValueError(f"{config_file}: " + (f"{unsupported} is not supported (this implementation has "
-                         "silu, a conv bias and no Mamba projection biases, as every released Jamba)"
+        raise ValueError(f"{config_file}: " + (f"{unsupported} is not supported (this "
+                         "implementation has silu, a conv bias and no Mamba projection biases, as "
+                         "released Jambas)"
                          if unsupported else f"model_type is {hf.get('model_type')!r}, but only "
                          "'jamba' (JambaForCausalLM) checkpoints can be loaded"))
     n, period, offset = hf["num_hidden_layers"], hf["attn_layer_period"], hf["attn_layer_offset"]
     a = sum(i % period == offset for i in range(n)) if isinstance(period, int) and period > 0 else 0
     try:
-        config = JambaConfig(**{ours: hf[theirs] for ours, theirs in _HF_CONFIG_NAMES.items() if theirs in hf},
-                             rotary=False, num_mamba_layers=n - a, num_transformer_layers=a)
+        config = JambaConfig(**{ours: hf[theirs] for ours, theirs in _HF_CONFIG_NAMES.items()
+                                if theirs in hf}, rotary=False, num_mamba_layers=n - a,
+                             num_transformer_layers=a)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from None
     index = path / "model.safetensors.index.json"
@@ -1079,7 +1068,36 @@ def _read_hf_config(path):
         raise ValueError(f"{index}: lists shards that are not in the directory: {missing}" if
                          index.is_file() else f"path {str(path)!r} has neither "
                          "model.safetensors nor model.safetensors.index.json")
-    return config, [path / name for name in sorted(names)]
+    load_file = _safetensors().load_file
+    hf_state = {key: tensor for name in sorted(names) for key, tensor in load_file(path / name).items()}
+    for key in [key for key in hf_state if key.endswith(".experts.gate_up_proj")]:
+        prefix = key.removesuffix("gate_up_proj")
+        gate, up = hf_state.pop(key).chunk(2, 1)                   # (E, f, m) each
+        # (m, f); none: see below
+        for e, down in enumerate(hf_state.pop(prefix + "down_proj", [])):
+            hf_state.update({f"{prefix}{e}.gate_proj.weight": gate[e], f"{prefix}{e}.up_proj."
+                             "weight": up[e], f"{prefix}{e}.down_proj.weight": down})
+    with torch.device("meta"):
+        model = cls(config)
+    if config.tie_word_embeddings:                # the embedding's tensor, stored twice or not
+        hf_state.pop("lm_head.weight", None)
+    state = model.state_dict()                    # meta tensors, each replaced by the checkpoint's
+    for key, name in _hf_names(model).items():
+        if name not in hf_state:
+            raise ValueError(f"the checkpoint has no tensor {name!r}, which its config.json implies"
+                             + " (nor experts.gate_up_proj)" * (".experts." in name))
+        if hf_state[name].shape != state[key].shape:
+            raise ValueError(f"{name} has shape {tuple(hf_state[name].shape)} in the checkpoint, "
+                             f"but its config.json gives it {tuple(state[key].shape)}")
+        state[key] = hf_state.pop(name).to(dtype)
+    if hf_state:
+        raise ValueError(f"the checkpoint has {len(hf_state)} tensors its config.json does not "
+                         f"account for, e.g. {sorted(hf_state)[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    # assign=True made new Parameters, a tied head's meta
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
 
 
 def _hf_config(model, special_token_ids):
@@ -1087,17 +1105,19 @@ def _hf_config(model, special_token_ids):
     (a ValueError saying what to change where the format cannot express the model). Numbers where it
     also allows a word or a spare value, as other readers (llama.cpp's converter) need."""
     c, n = model.config, len(model.layers)
-    if c.rotary and model.layer_pattern.startswith("A"):      # attention before any Mamba layer has it
-        raise ValueError("the model has rotary positions in an attention layer, which Jamba's format "
-                         "cannot express (its attention has no positional encoding): build it with "
-                         "rotary=False")
-    plan = next((dict(attn_layer_period=period, attn_layer_offset=offset) for period in range(1, n + 2) for offset in range(period)
-                 if layer_schedule(c.num_mamba_layers, c.num_transformer_layers, period, offset)
-                 == model.layer_pattern), None)
+    # attention before any Mamba layer has it
+    if c.rotary and model.layer_pattern.startswith("A"):
+        raise ValueError("the model has rotary positions in an attention layer, which Jamba's "
+                         "format cannot express (its attention has no positional encoding): build "
+                         "it with rotary=False")
+    plan = next(({"attn_layer_period": period, "attn_layer_offset": offset}
+                 for period in range(1, n + 2) for offset in range(period) if model.layer_pattern ==
+                 layer_schedule(c.num_mamba_layers, c.num_transformer_layers, period, offset)), None)
     if plan is None:
-        raise ValueError(f"layer_pattern {model.layer_pattern!r} is not one that attn_layer_period and "
-                         "attn_layer_offset give (attention where i % period == offset): choose a "
-                         "number of attention layers that divides the layers evenly, or set them")
+        raise ValueError(f"layer_pattern {model.layer_pattern!r} is not one that attn_layer_period "
+                         "and attn_layer_offset give (attention where i % period == offset): "
+                         "choose a number of attention layers that divides the layers evenly, or set "
+                         "them")
     settings = dict(vars(c), **plan,
                     num_key_value_heads=c.num_key_value_heads or c.nhead,
                     num_experts_per_tok=min(c.num_experts_per_tok, c.num_experts),
@@ -1105,26 +1125,28 @@ def _hf_config(model, special_token_ids):
                                   if isinstance(layer.mixer, MambaBlock)), c.dt_rank))
     return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "num_hidden_layers": n,
             **{theirs: settings[ours] for ours, theirs in _HF_CONFIG_NAMES.items()}, **_HF_FIXED,
-            "attention_dropout": 0.0, "dtype": str(model.embed_tokens.weight.dtype)[6:],
-            **dict.fromkeys("bos_token_id eos_token_id pad_token_id".split()),
+            "dtype": str(model.embed_tokens.weight.dtype)[6:],
+            **dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id"]),
             **(special_token_ids or {})}
 
 
 def _save_pretrained(model, path, special_token_ids=None, files=None):
-    """Write a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that transformers
-    and from_pretrained read; special_token_ids ({"eos_token_id": 2}; all None by default) go into
-    config.json, files ({name: text}, a tokenizer.json say) beside them; needs safetensors. Written
-    whole into a temporary directory beside path, then renamed: never half a checkpoint; what the
-    format cannot express raises first. Returns the path."""
+    """Write a JambaForCausalLM checkpoint directory (config.json, model.safetensors) that
+    transformers and from_pretrained read; special_token_ids ({"eos_token_id": 2}; all None by
+    default) go into config.json, files ({name: text}, a tokenizer.json say) beside them; needs
+    safetensors. Written whole into a temporary directory beside path, then renamed: never half a
+    checkpoint; what the format cannot express raises first. Returns the path."""
     hf_config, path = _hf_config(model, special_token_ids), Path(path)
     save_file, state = _safetensors().save_file, model.state_dict()
     tensors = {name: state[key].contiguous().cpu() for key, name in _hf_names(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # On an error the temporary directory goes; after the rename there is none left to remove.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-", ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-",
+                                     ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name, text in {"config.json": json.dumps(hf_config, indent=2) + "\n", **(files or {})}.items():
+        config = json.dumps(hf_config, indent=2) + "\n"
+        for name, text in {"config.json": config, **(files or {})}.items():
             (tmp / name).write_text(text, encoding="utf-8")
         if path.exists():                         # never half a checkpoint: the old one, or the new
             shutil.rmtree(path)

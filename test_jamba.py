@@ -622,13 +622,13 @@ def copied_out(names):
     assert set(names) <= found.keys(), set(names) - found.keys()
     namespace = {"__name__": "copied"}
     for node in [*imports, *(found[name] for name in names)]:
-        exec(compile(ast.Module([node], []), "copied.py", "exec"), namespace)
+        exec(compile(ast.Module([node], []), "copied.py", "exec"), namespace)  # noqa: S102  JAMBA.py's own code
     return namespace
 
 
 def readme_copy_lists():
     """README's table of what to copy along with each block: {block: [names]}."""
-    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", Path(__file__).with_name("README.md").read_text(), re.M)
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", Path(__file__).with_name("README.md").read_text(), re.MULTILINE)
     return {block: [block, *re.findall(r"`(\w+)`", along)] for block, along in rows}
 
 
@@ -648,17 +648,18 @@ def test_a_block_copied_out_with_what_readme_lists_runs_as_in_jamba():
     assert torch.equal(copied[0], ours[0]) and torch.equal(copied[1], ours[1])
     assert all(torch.equal(copied[2][name], ours[2][name]) for name in inputs)
     x = torch.randn(2, 9, 16, dtype=torch.float64)
-    blocks = {"MambaBlock": [dict(d_model=16, d_state=4, inner_layernorms=True, scan=scan) for scan in
-                             ("parallel", "sequential")],
-              "AttentionBlock": [dict(d_model=16, nhead=4, max_seq_length=6, rotary=True, num_key_value_heads=2)],
-              "MixtureOfExperts": [dict(d_model=16, dim_feedforward=24, num_experts=3, num_experts_per_tok=2)]}
-    for name, settings_list in blocks.items():
+    blocks = {"MambaBlock": [{"d_model": 16, "d_state": 4, "inner_layernorms": True, "scan": scan}
+                             for scan in ("parallel", "sequential")],
+              "AttentionBlock": [{"d_model": 16, "nhead": 4, "max_seq_length": 6, "rotary": True,
+                                  "num_key_value_heads": 2}],
+              "MixtureOfExperts": [{"d_model": 16, "dim_feedforward": 24, "num_experts": 3, "num_experts_per_tok": 2}]}
+    for name, arguments in blocks.items():
         copy = copied_out(lists[name])
-        for settings in settings_list:
+        for block_arguments in arguments:
             results = []
             for cls in (copy[name], getattr(JAMBA, name)):
                 torch.manual_seed(0)
-                block = cls(**settings).double().eval()
+                block = cls(**block_arguments).double().eval()
                 with torch.no_grad():
                     result = [block(x)]
                     if hasattr(block, "step"):
@@ -668,7 +669,7 @@ def test_a_block_copied_out_with_what_readme_lists_runs_as_in_jamba():
                             y, state = block.step(x[:, t], state)
                             result.append(y)
                 results.append(result)
-            assert all(torch.equal(a, b) for a, b in zip(*results)), (name, settings)
+            assert all(torch.equal(a, b) for a, b in zip(*results)), (name, block_arguments)
 
 
 # ---------------------------------------------------------------------------------------------------------------

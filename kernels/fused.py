@@ -245,3 +245,12 @@ def mamba_step(block, xz, conv_state, ssm_state):
           ssm_state, new_conv_state, new_ssm_state, y, xz.shape[0], block.d_inner, block.d_state, block.dt_rank,
           block.d_conv, ctypes.c_double(norms[0].eps if norms[0] else 0.0))
     return y, new_conv_state, new_ssm_state
+
+
+def step(block, x, state):
+    """A MambaBlock's step(x, state), through mamba_step where no gradient is wanted and weights and state
+    share a float32 or float64 dtype; else block.step itself (bfloat16 and float16 models, training)."""
+    if torch.is_grad_enabled() or not x.dtype == state[0].dtype == state[1].dtype:
+        return block.step(x, state)
+    y, conv_state, h = mamba_step(block, block.in_proj(x), *state)   # (b, d), (b, d, k), (b, d, n)
+    return block.out_proj(y), (conv_state, h)
