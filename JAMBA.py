@@ -448,15 +448,15 @@ class AttentionBlock(nn.Module):
     def _append(self, cache, k, v, is_token, next_position, pads):
         """cache (or None) with l more steps written into its free slots: k, v (b, g, l, e),
         is_token (b, l). When too few slots are free, the steps a later query can still see (the
-        last max_seq_length - 1) move to a new room, twice what they and the new steps need: a copy
-        every max_seq_length steps or so, not one per step."""
+        last max_seq_length - 1) move to a new room with 64 slots to spare: a copy of them every 64
+        steps, which adds a 64th to what attention reads per step, not the copy of every step."""
         new = (k, v, is_token[:, None, :, None])                        # (b, ., l, .)
         n, l = (0 if cache is None else cache.length), k.shape[2]
         if cache is None or n + l > cache.keys.shape[2]:
             kept = min(n, self.max_seq_length - 1)
             old = [t[:, :, :0] for t in new] if cache is None else cache[:3]
             cache = AttentionCache(*(torch.cat([o[:, :, n - kept:n], t.new_empty(
-                *t.shape[:2], kept + 2 * l, t.shape[3])], 2) for o, t in zip(old, new)), kept, 0, 0)
+                *t.shape[:2], kept + l + 64, t.shape[3])], 2) for o, t in zip(old, new)), kept, 0, 0)
             n = kept
         for buffer, t in zip(cache, new):
             buffer[:, :, n:n + l] = t

@@ -529,13 +529,12 @@ def test_grouped_query_attention_shares_key_value_heads_and_caches_only_those():
         expected = gqa(x)
         torch.testing.assert_close(expected, mha(x), rtol=1e-12, atol=1e-12)
         out, state = gqa.prefill(x[:, :5])
-        assert state.keys.shape == state.values.shape == (2, 2, 10, 4)  # (b, g, room, e): room for 2 l
+        assert state.keys.shape == state.values.shape == (2, 2, 69, 4)  # (b, g, room, e): l and 64 spare
         steps = [out]
         for t in range(5, 12):
             y, state = gqa.step(x[:, t], state)
             steps.append(y[:, None])
-    # Full at 10: the 10 steps still in view (up to max_seq_length - 1 = 11) move to a room of 2 (10 + 1).
-    assert state.keys.shape == (2, 2, 22, 4) and state.length == 12
+    assert state.keys.shape == (2, 2, 69, 4) and state.length == 12                # room to spare still
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="nhead must be a multiple of num_key_value_heads"):
         AttentionBlock(16, 4, num_key_value_heads=3)
@@ -947,15 +946,16 @@ def test_sampling_follows_temperature_and_top_k(temperature, top_k):
 
 def test_generation_past_max_seq_length_slides_a_window():
     """A plain transformer (rotary positions) reading a prompt longer than max_seq_length and generating far past
-    it gives the tokens of a naive loop that reruns the forward on the last max_seq_length tokens only."""
+    it gives the tokens of a naive loop that reruns the forward on the last max_seq_length tokens only: 150 steps,
+    so that the cache fills its 64 spare slots and moves the steps in view to a new room twice."""
     model = tiny_jamba(0, 2, max_seq_length=8).double().eval()
     prompt = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(8))
     naive = prompt
     with torch.no_grad():
-        for _ in range(20):
+        for _ in range(150):
             next_token = model(naive[:, -8:])[0][:, -1].argmax(-1, keepdim=True)
             naive = torch.cat([naive, next_token], dim=1)
-    assert torch.equal(model.generate(prompt, 20, temperature=0), naive)
+    assert torch.equal(model.generate(prompt, 150, temperature=0), naive)
 
 
 @pytest.mark.parametrize("kwargs, message", [
