@@ -50,6 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+if torch.__version__ < "2.5":                  # torch 2.5 needs Python 3.9+: that is checked too
+    raise ImportError(f"JAMBA needs torch 2.5+ and Python 3.9+, not torch {torch.__version__}")
+
 # -------------------------------------------------------------------------------------------------
 # 1. Selective scans
 # -------------------------------------------------------------------------------------------------
@@ -569,15 +572,15 @@ class JambaConfig:
     d_state: int = 16                  # the Mamba block's settings, with the reference's defaults
     d_conv: int = 4
     expand: int = 2
-    dt_rank: int | str = "auto"        # "auto": ceil(d_model / 16)
-    num_key_value_heads: int | None = None   # grouped-query attention; None: nhead (Jamba: 8 of 32)
+    dt_rank: "int | str" = "auto"      # "auto": ceil(d_model / 16)
+    num_key_value_heads: "int | None" = None   # grouped-query attention; None: nhead (Jamba: 8 of 32)
     num_experts: int = 1               # 1: every MLP is dense; Jamba: 16
     num_experts_per_tok: int = 2       # the router's top-K
     expert_layer_period: int = 2       # layer i has experts where i % period == offset: every
     expert_layer_offset: int = 1       # other layer, from the second, as in Jamba
     router_aux_loss_coef: float = 0.001    # the load-balancing term's weight in the loss
-    attn_layer_period: int | None = None   # attention where i % period == offset (Jamba: 8, 4);
-    attn_layer_offset: int | None = None   # None: spread evenly, see layer_schedule
+    attn_layer_period: "int | None" = None   # attention where i % period == offset (Jamba: 8, 4);
+    attn_layer_offset: "int | None" = None   # None: spread evenly, see layer_schedule
     rotary: bool = True                # rotary positions in attention layers before any Mamba layer
     tie_word_embeddings: bool = True   # the head shares the embedding's weights (Jamba: False)
     rms_norm_eps: float = 1e-6
@@ -995,7 +998,12 @@ def _mixer_step(mixer, x, state):
 _HF_CONFIG_NAMES = dict(
     d_model="hidden_size", dim_feedforward="intermediate_size", nhead="num_attention_heads",
     max_seq_length="max_position_embeddings", d_state="mamba_d_state", d_conv="mamba_d_conv",
-    expand="mamba_expand", dt_rank="mamba_dt_rank", **{name: name for name in ["vocab_size", "num_key_value_heads", "num_experts", "num_experts_per_tok", "expert_layer_period", "expert_layer_offset", "router_aux_loss_coef", "attn_layer_period", "attn_layer_offset", "tie_word_embeddings", "rms_norm_eps"]})
+    expand="mamba_expand", dt_rank="mamba_dt_rank",
+    # and the names that are the same in both
+    **{name: name for name in (  # noqa: SIM905
+        "vocab_size num_key_value_heads num_experts num_experts_per_tok expert_layer_period "
+        "expert_layer_offset router_aux_loss_coef attn_layer_period attn_layer_offset "
+        "tie_word_embeddings rms_norm_eps").split()})
 _HF_FIXED = {"hidden_act": "silu", "mamba_conv_bias": True, "mamba_proj_bias": False}
 _HF_DEFAULTS = dict(
     vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -1141,16 +1149,16 @@ def _save_pretrained(model, path, special_token_ids=None, files=None):
     tensors = {name: state[key].contiguous().cpu() for key, name in _hf_names(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # On an error the temporary directory goes; after the rename there is none left to remove.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-",
-                                     ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
         tmp = Path(tmp)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = json.dumps(hf_config, indent=2) + "\n"
-        for name, text in {"config.json": config, **(files or {})}.items():
+        for name, text in {"config.json": json.dumps(hf_config, indent=2) + "\n",
+                           **(files or {})}.items():
             (tmp / name).write_text(text, encoding="utf-8")
         if path.exists():                         # never half a checkpoint: the old one, or the new
             shutil.rmtree(path)
         tmp.rename(path)
+        tmp.mkdir()                               # an empty one, for the with-block to remove
     return path
 
 

@@ -1,17 +1,21 @@
 """The specification of JAMBA.py: property tests (hypothesis) and unit tests (pytest). Its sections follow
-JAMBA.py's (1-7), then train_tiny.py, the benchmarks and the notebook."""
+JAMBA.py's (1-7), then train_tiny.py, the benchmarks, the notebook and README."""
 
+import argparse
 import ast
 import dataclasses
 import functools
 import hashlib
+import importlib
 import itertools
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -1071,7 +1075,7 @@ def test_pads_read_in_an_earlier_piece_stay_masked_when_stepping(variant):
     with torch.no_grad():
         for cuts in ((0, 12), (0, 8, 12)):
             states = None
-            for start, end in itertools.pairwise(cuts):
+            for start, end in zip(cuts, cuts[1:]):
                 _, states = model.prefill(idx[:, start:end], states, mask[:, start:end])
             steps = []
             for t in range(6):
@@ -1784,7 +1788,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_at_the_end_of_the_run():
     args = train_tiny.parse_args(["--lr", "1.0", "--warmup-iters", "10", "--max-iters", "110"])
     rates = [train_tiny.learning_rate(step, 0.0, args) for step in range(110)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
     assert train_tiny.learning_rate(110, 0.0, args) == pytest.approx(0.1)
     assert rates[60] == pytest.approx(0.55)
     # With a time budget the schedule ends at the budget when that comes before --max-iters.
@@ -2022,10 +2026,13 @@ def test_fine_tune_refuses_bad_input_with_one_line(hf_to_fine_tune, corpus, tmp_
 # Each script runs in its smoke mode (tiny sizes) so that none can silently rot; the recall task's invariants.
 
 @pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py",
-                                    "gpu_check.py", "forecast.py"])
+                                    "gpu_check.py", "forecast.py", "vs_transformers.py"])
 def test_benchmark_smoke(script):
     if script == "forecast.py":
         pytest.importorskip("statsmodels", reason="forecast.py's data and ARIMA come from statsmodels (.ci/run "
+                            "installs it)")
+    if script == "vs_transformers.py":
+        pytest.importorskip("transformers", reason="vs_transformers.py times transformers' JambaForCausalLM (.ci/run "
                             "installs it)")
     path = Path(__file__).with_name("benchmarks") / script
     result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, check=False, timeout=120)
@@ -2124,3 +2131,131 @@ def test_notebook_is_committed_with_its_outputs_and_small():
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     assert code and all(cell["outputs"] for cell in code), "run: python notebooks/execute.py"
     assert NOTEBOOK.stat().st_size < 1_500_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. README
+# ---------------------------------------------------------------------------------------------------------------
+# What README and benchmarks/README.md show still holds: every Python snippet runs, every command parses with its
+# script's own parser, the map of JAMBA.py has its line ranges, links lead somewhere, tables are their files'.
+
+README = Path(__file__).with_name("README.md")
+BENCHMARKS = Path(__file__).with_name("benchmarks")
+
+
+def fenced(path, language):
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("snippet", fenced(README, "python"), ids=lambda snippet: snippet.split("\n")[-2][:40])
+def test_readme_python_snippet_runs(snippet, tmp_path, monkeypatch):
+    """In a fresh namespace, in an empty folder where "jamba" and "jamba-tiny" are tiny checkpoints in the Hugging
+    Face format with a tokenizer for their characters (what --export writes), made on the fly."""
+    for package in sorted(set(re.findall(r"^from (\w+) import", snippet, re.MULTILINE)) - {"JAMBA"}):
+        pytest.importorskip(package, reason=f"this README snippet needs {package} (.ci/run installs it)")
+    if "from_pretrained" in snippet:
+        pytest.importorskip("safetensors", reason="checkpoints need safetensors (.ci/run installs it)")
+        vocab = sorted(set(string.printable))
+        model = tiny_jamba(vocab_size=len(vocab), rotary=False)
+        for name in ("jamba", "jamba-tiny"):
+            model.save_pretrained(tmp_path / name)
+            for file, text in train_tiny.character_tokenizer_files(vocab).items():
+                (tmp_path / name / file).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, str(README), "exec"), {"__name__": "readme"})  # noqa: S102  README's own code
+
+
+class _Parsed(Exception):
+    """Raised by the patched ArgumentParser.parse_args once a benchmark's command line parsed."""
+
+
+def readme_commands():
+    """The commands README.md and benchmarks/README.md show for this repository's scripts, as argument lists: the
+    lines of bash blocks and the inline `python ...` and `torchrun ...` spans, split at && and without comments."""
+    commands = []
+    for path in (README, BENCHMARKS / "README.md"):
+        lines = [line for block in fenced(path, "bash") for line in block.splitlines()]
+        for line in lines + re.findall(r"`((?:python|torchrun) [^`]+)`", path.read_text()):
+            for part in line.split("&&"):
+                words = [word for word in shlex.split(part, comments=True) if word != "..."]
+                scripts = [i for i, word in enumerate(words) if word.endswith(".py")]
+                if words and words[0] in ("python", "torchrun") and scripts:
+                    commands.append(words[scripts[0]:])
+    return commands
+
+
+@pytest.mark.parametrize("command", readme_commands(), ids=" ".join)
+def test_readme_command_parses(command, monkeypatch):
+    script, args = Path(__file__).parent / command[0], command[1:]
+    assert script.is_file(), command
+    if script.name == "train_tiny.py":
+        train_tiny.parse_args(args)
+    elif script.parent == BENCHMARKS and "argparse" in script.read_text():
+        monkeypatch.syspath_prepend(str(BENCHMARKS))
+        module = importlib.import_module(script.stem)
+        parse = argparse.ArgumentParser.parse_args
+
+        def parse_then_stop(parser, argv=None, namespace=None):
+            parse(parser, args)
+            raise _Parsed
+
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        with pytest.raises(_Parsed):
+            module.main()
+    else:
+        assert not args, command
+
+
+def test_readme_commands_cover_the_scripts():
+    """The collection above is not empty by mistake: it finds the set-up command and a benchmark's."""
+    commands = readme_commands()
+    assert ["train_tiny.py"] in commands and any(command[0].startswith("benchmarks/") for command in commands)
+
+
+def test_readme_maps_jamba_py_with_the_line_ranges_of_its_sections():
+    """Each row of README's map gives a section's number and title as JAMBA.py's header has them, from the ruler
+    line above the header to the line before the next section's ruler (the last: to the end of the file)."""
+    rows = re.findall(r"^\| (\d+)–(\d+) \| (\d\. [^|]+?) \|", README.read_text(), re.MULTILINE)
+    lines = Path(JAMBA.__file__).read_text().splitlines()
+    headers = [(i, line.strip("# ")) for i, line in enumerate(lines, 1) if re.fullmatch(r"\s*# \d\. .*", line)]
+    expected = [(str(line - 1), str(after[0] - 2), title)
+                for (line, title), after in zip(headers, [*headers[1:], (len(lines) + 2, "")])]
+    assert rows == expected
+
+
+def github_anchors(path):
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", path.read_text(), re.MULTILINE)}
+
+
+def test_readme_links_lead_to_files_and_headings_that_exist():
+    for path in (README, BENCHMARKS / "README.md"):
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if target.startswith("https://"):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file) if file else path
+            assert linked.exists(), (path.name, target)
+            assert not anchor or anchor in github_anchors(linked), (path.name, target)
+
+
+def test_readme_is_short_and_benchmarks_readme_shows_every_table_and_plot_as_written():
+    """README stays in nanoGPT's size; benchmarks/README.md shows each table file the scripts write, as written
+    (the scripts refresh it), and each plot."""
+    assert len(README.read_text().splitlines()) <= 300
+    sys.path.insert(0, str(BENCHMARKS))
+    from _common import readme_block
+    text = (BENCHMARKS / "README.md").read_text()
+    shown = dict(re.findall(r"^<!-- (\w+\.md) -->\n(.*?)^<!-- end -->", text, re.MULTILINE | re.DOTALL))
+    assert sorted(shown) == sorted(path.name for path in BENCHMARKS.glob("*.md") if path.name != "README.md")
+    for name, block in shown.items():
+        assert block == readme_block((BENCHMARKS / name).read_text()), f"{name} differs from benchmarks/README.md's"
+    assert set(re.findall(r"\]\((\w+\.png)\)", text)) == {path.name for path in BENCHMARKS.glob("*.png")}
+
+
+def test_an_older_torch_gets_one_line_naming_what_jamba_needs():
+    """torch 2.4 or older, which is also what Python 3.8 can have (torch 2.5 needs 3.9)."""
+    status, _, err = run_python("import torch; torch.__version__ = torch.torch_version.TorchVersion('2.4.1'); "
+                                "import JAMBA")
+    assert status == 1 and err.splitlines()[-1] == ("ImportError: JAMBA needs torch 2.5+ and Python 3.9+, not "
+                                                    "torch 2.4.1"), err

@@ -53,9 +53,37 @@ def _int_or_text(text):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+NOTES = """\
+notes:
+  Resuming is exact on CPU: a run stopped at any step (Ctrl-C saves) and resumed with the same command ends with
+  the weights, optimizer state and losses of an uninterrupted run. The checkpoint holds the config, weights,
+  optimizer, vocabulary, step, RNG states and the data's sha256; --resume refuses one whose data, vocabulary or
+  config differ from the command's. Under float16 the gradient scaler's state is kept too.
+  torchrun: every rank draws the same batch and takes its share, gradients are averaged, so N processes take the
+  steps of one with the same --batch-size (with experts, each rank's load-balancing term covers its share only).
+  Only rank 0 prints, evaluates, saves and samples. Several machines: add torchrun's --nnodes, --node_rank and
+  --rdzv-endpoint. Data-parallel divides the time, not the memory: each rank holds the model, its gradients and
+  AdamW's moments, 16 bytes per parameter before activations.
+  The progress bar (a terminal only; a log gets a line per evaluation) shows the loss, tokens/s and, with
+  experts, the load-balancing term ("balance", K when even). --time-budget makes it count seconds.
+  --export writes one token per character in tokenizer.json: transformers' greedy generation then gives the text
+  of --sample --temperature 0. A model the format cannot express (rotary positions, a layer plan that no
+  attn_layer_period and attn_layer_offset give) is refused with what to change. --init-from takes the model and
+  its settings from the checkpoint (model flags are refused, --dropout aside) and encodes --data once with its
+  tokenizer; --export then writes that tokenizer and its special token ids.
+  Checkpoints are read with torch.load(weights_only=True), so a ckpt.pt from elsewhere cannot run code.
+  Bad input (a missing, empty, binary or too-short corpus, a setting JambaConfig refuses, a batch that does not
+  split over the ranks, a corrupt or mismatched checkpoint, a prompt outside the vocabulary, an unavailable
+  device) gets a one-line message and exit status 2, and nothing is overwritten.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each flag; the notes kept as written."""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=NOTES, formatter_class=_HelpFormatter)
     p.add_argument("--data", help="a UTF-8 text file; default: the Python standard library's source")
     p.add_argument("--out", default="out", help="directory for ckpt.pt")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
@@ -480,8 +508,8 @@ class Run:
     data_identity: dict
     train_data: torch.Tensor
     val_data: torch.Tensor
-    tokenizer_files: dict | None                  # a fine-tuning run's tokenizer (--init-from), else None
-    special_token_ids: dict | None
+    tokenizer_files: "dict | None"                # a fine-tuning run's tokenizer (--init-from), else None
+    special_token_ids: "dict | None"
     model: Jamba
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

@@ -60,12 +60,23 @@ def pyplot():
 
 
 def write_table(name, title, header, rows):
-    """Print a markdown table and write it, with the machine line, to benchmarks/NAME.md."""
+    """Print a markdown table and write it, with the machine line, to benchmarks/NAME.md, and into
+    benchmarks/README.md in place of the one there (between `<!-- NAME.md -->` and `<!-- end -->`)."""
     lines = [f"# {title}", "", f"Machine: {machine()}", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)] + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / f"{name}.md").write_text(text)
+    readme, start = (HERE / "README.md").read_text(), f"<!-- {name}.md -->\n"
+    if start in readme:
+        head, tail = readme.split(start)
+        (HERE / "README.md").write_text(head + start + readme_block(text) + tail[tail.index("<!-- end -->"):])
+
+
+def readme_block(table_md):
+    """A table file as benchmarks/README.md shows it: its title in bold, not a heading of the page."""
+    title, rest = table_md.split("\n", 1)
+    return f"**{title[2:]}**\n{rest}\n"
 
 
 def save_figure(fig, axes, name, title):
