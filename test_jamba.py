@@ -1892,6 +1892,56 @@ def test_two_processes_resume_a_mixture_of_experts(corpus, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def test_fsdp_shards_and_trains_like_one_process_with_the_same_batch(corpus, tmp_path):
+    """2 ranks under --fsdp (each layer and the model fully_shard-ed), each taking half of every batch in 2
+    --grad-accum parts, end with one process's weights. What differs is only the order in which float32 adds the
+    same gradients (two halves, then each rank's half in two parts): after 6 AdamW steps of lr 3e-3 that moves a
+    weight by about 1e-7 here, and the tolerance of the data-parallel test (1e-6 + 1e-5 relative) is ten times
+    that, where a lost or doubled gradient moves weights by about the learning rate. The checkpoint numbers the
+    optimizer's state as one process does, so that one process resumes it."""
+    flags = ("--max-iters", "6", "--batch-size", "8", "--eval-interval", "3")
+    train(tmp_path / "one", corpus, *flags)
+    sharded = torchrun(tmp_path / "fsdp", corpus, *flags, "--grad-accum", "2", "--fsdp")
+    assert "sharded over 2 ranks (FSDP2): rank 0 holds 2,797 of the 5,577 parameters" in sharded.stdout
+    assert sharded.stdout.count("step 6: train") == 1 and "done: 6 steps" in sharded.stdout
+    assert_same_weights(tmp_path / "one", tmp_path / "fsdp")
+    one, fsdp = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["optimizer"] for run in ("one", "fsdp"))
+    assert [group["params"] for group in one["param_groups"]] == [group["params"] for group in fsdp["param_groups"]]
+    assert all(fsdp["state"][index][key].shape == value.shape for index, moments in one["state"].items()
+               for key, value in moments.items())
+
+
+def test_fsdp_stopped_and_resumed_ends_exactly_as_an_uninterrupted_fsdp_run(corpus, tmp_path):
+    """Stopped at step 5, the end of the warm-up (so the schedule does not depend on --max-iters), and resumed
+    with --fsdp: the checkpoint's whole state goes back into the shards, and the run ends bit for bit where the
+    uninterrupted one does, weights and AdamW's moments."""
+    torchrun(tmp_path / "whole", corpus, "--max-iters", "8", "--fsdp")
+    torchrun(tmp_path / "resumed", corpus, "--max-iters", "5", "--fsdp")
+    resumed = torchrun(tmp_path / "resumed", corpus, "--max-iters", "8", "--fsdp", "--resume")
+    assert "resuming at step 5 of 8" in resumed.stdout
+    expected, actual = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "resumed"))
+    assert all(torch.equal(actual["model"][key], value) for key, value in expected["model"].items())
+    for index, moments in expected["optimizer"]["state"].items():
+        assert all(torch.equal(actual["optimizer"]["state"][index][key], value) for key, value in moments.items())
+
+
+def test_fsdp_trains_jambas_experts_and_grouped_query_attention_and_one_process_samples_and_resumes(corpus, tmp_path,
+                                                                                                    capsys):
+    experts = ("--num_mamba_layers", "3", "--nhead", "4", "--num_key_value_heads", "2", "--num_experts", "4",
+               "--num_experts_per_tok", "2", "--batch-size", "8", "--eval-interval", "3")
+    sharded = torchrun(tmp_path, corpus, *experts, "--max-iters", "3", "--fsdp")
+    assert "mlp_pattern=DEDE (4 experts, top-2)" in sharded.stdout and "done: 3 steps" in sharded.stdout
+    assert train_tiny.main(["--sample", "--out", str(tmp_path), "--max-new-tokens", "10"]) is None
+    assert "[10 characters" in capsys.readouterr().out
+    assert "resuming at step 3 of 6" in train_here(tmp_path, corpus, capsys, *experts, "--max-iters", "6", "--resume")
+
+
+def test_fsdp_in_one_process_is_refused(corpus, tmp_path):
+    result = train(tmp_path / "out", corpus, "--fsdp", check=False)
+    assert result.returncode == 2 and "--fsdp shards the model over torchrun's processes" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_path):
     """--export writes the run as a JambaForCausalLM directory with a character tokenizer: transformers'
     AutoTokenizer and JambaForCausalLM generate, greedily, exactly what --sample --temperature 0 prints, up to the
@@ -2028,7 +2078,7 @@ def test_fine_tune_refuses_bad_input_with_one_line(hf_to_fine_tune, corpus, tmp_
 # Each script runs in its smoke mode (tiny sizes) so that none can silently rot; the recall task's invariants.
 
 @pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py",
-                                    "gpu_check.py", "forecast.py", "vs_transformers.py"])
+                                    "gpu_check.py", "forecast.py", "vs_transformers.py", "sharded_memory.py"])
 def test_benchmark_smoke(script):
     if script == "forecast.py":
         pytest.importorskip("statsmodels", reason="forecast.py's data and ARIMA come from statsmodels (.ci/run "

@@ -7,6 +7,7 @@
     python train_tiny.py --export jamba-tiny              # --out's checkpoint in the Hugging Face format, tokenizer too
     python train_tiny.py --init-from DIR --data input.txt # fine-tune a JambaForCausalLM directory with its tokenizer
     torchrun --nproc_per_node=2 train_tiny.py             # the same run in 2 processes (DistributedDataParallel)
+    torchrun --nproc_per_node=2 train_tiny.py --fsdp      # ... with the model's state sharded over them (FSDP2)
 
 With no --data it trains on the Python standard library's own top-level modules (Lib/*.py of the running Python,
 sorted by file name, the first 2 MB): text that is on every machine with Python, so nothing is downloaded.
@@ -15,6 +16,7 @@ Checkpoints (--out/ckpt.pt) are written atomically at every evaluation, at the e
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -29,6 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -63,7 +72,10 @@ notes:
   steps of one with the same --batch-size (with experts, each rank's load-balancing term covers its share only).
   Only rank 0 prints, evaluates, saves and samples. Several machines: add torchrun's --nnodes, --node_rank and
   --rdzv-endpoint. Data-parallel divides the time, not the memory: each rank holds the model, its gradients and
-  AdamW's moments, 16 bytes per parameter before activations.
+  AdamW's moments, 16 bytes per parameter before activations. --fsdp divides that memory too: each rank holds
+  1/N of them (FSDP2: each layer's weights are gathered for its forward and backward, and its gradients
+  reduce-scattered), and takes the same steps. Its ckpt.pt is the whole state, gathered into rank 0's CPU memory,
+  so a single process samples, exports or resumes it, and --fsdp --resume shards it again.
   The progress bar (a terminal only; a log gets a line per evaluation) shows the loss, tokens/s and, with
   experts, the load-balancing term ("balance", K when even). --time-budget makes it count seconds.
   --export writes one token per character in tokenizer.json: transformers' greedy generation then gives the text
@@ -115,6 +127,8 @@ def parse_args(argv):
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step, over all "
                        "processes and --grad-accum parts together")
+    train.add_argument("--fsdp", action="store_true", help="under torchrun: shard the weights, gradients and "
+                       "AdamW's moments over the processes (FSDP2), where DDP copies them to each")
     train.add_argument("--grad-accum", type=int, default=1, help="split each batch into this many parts, one "
                        "forward and backward each (for a batch larger than memory holds)")
     train.add_argument("--block-size", type=int, default=128, help="characters per training sequence")
@@ -319,14 +333,24 @@ def start_processes(device_name):
     return device, world_size
 
 
+def decays(name, param):
+    """Weight decay for weight matrices only: never biases, norms, D, or A_log (the Mamba reference marks A_log
+    and D "no weight decay")."""
+    return param.dim() >= 2 and not name.endswith("A_log")
+
+
 def make_optimizer(model, lr, weight_decay):
-    """AdamW that decays weight matrices only: never biases, norms, D, or A_log (the Mamba reference marks
-    A_log and D "no weight decay")."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and not name.endswith("A_log") else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW that decays weight matrices only; its parameters in the order of optimizer_names."""
+    named = list(model.named_parameters())
+    groups = [{"params": [param for name, param in named if decays(name, param) == decay],
+               "weight_decay": weight_decay if decay else 0.0} for decay in (True, False)]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+
+
+def optimizer_names(model):
+    """The names of make_optimizer's parameters, in the order its state_dict numbers them."""
+    named = list(model.named_parameters())
+    return [name for decay in (True, False) for name, param in named if decays(name, param) == decay]
 
 
 def learning_rate(step, seconds, args):
@@ -524,9 +548,21 @@ class Run:
         """Seconds of training so far, over every run of this checkpoint, evaluations included."""
         return self.seconds_before + time.perf_counter() - self.started
 
+    def states(self):
+        """The model's and the optimizer's whole state, as one process keeps them. Under --fsdp every rank must
+        call this: torch.distributed.checkpoint gathers the shards into rank 0's CPU memory (the other ranks get
+        empty ones), and the optimizer's state, which it keys by name, is numbered again as one process's."""
+        if not self.args.fsdp:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return model, numbered(optimizer, optimizer_names(self.model)) if model else {}
+
     def checkpoint(self, device):
-        return {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        model, optimizer = self.states()
+        return {"config": dataclasses.asdict(self.config), "model": model,
+                "optimizer": optimizer, "scaler": self.scaler.state_dict(),
                 "vocab": self.codec.vocab, "tokenizer": self.tokenizer_files,
                 "special_token_ids": self.special_token_ids, "init_from": self.args.init_from, "step": self.step,
                 "seconds": self.seconds(), "history": self.history, "best_val_loss": self.best_val,
@@ -611,16 +647,25 @@ def describe(run, device, dtype, world_size, say):
         say(f"resuming at step {run.step} of {run.args.max_iters} from {Path(run.args.out) / 'ckpt.pt'}")
 
 
-def evaluate(run, device, autocast):
-    """Losses on both splits into the history and the log, then a checkpoint (rank 0 only)."""
+def evaluate(run, device, autocast, rank):
+    """Losses on both splits into the history and the log, then a checkpoint: by rank 0 alone, but under --fsdp
+    with every rank, whose shards each forward and the checkpoint gather."""
     losses = estimate_loss(run.model, {"train": run.train_data, "val": run.val_data}, run.args, device, autocast)
     run.best_val = min(run.best_val, losses["val"])
     run.history.append({"step": run.step, "seconds": run.seconds(), **losses})
     balance = "" if run.model.aux_loss is None else f", load balance {run.model.aux_loss.item():.3f}"
     bits = run.codec.bits_per
-    tqdm.write(f"step {run.step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} {bits}), "
-               f"val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} {bits}){balance}")
-    save_checkpoint(Path(run.args.out) / "ckpt.pt", run.checkpoint(device))
+    if rank == 0:
+        tqdm.write(f"step {run.step}: train {losses['train']:.4f} nats ({losses['train'] / math.log(2):.3f} "
+                   f"{bits}), val {losses['val']:.4f} nats ({losses['val'] / math.log(2):.3f} {bits}){balance}")
+    save(run, device, rank)
+
+
+def save(run, device, rank):
+    """--out/ckpt.pt, written by rank 0 (under --fsdp every rank calls this: the state is gathered)."""
+    state = run.checkpoint(device)
+    if rank == 0:
+        save_checkpoint(Path(run.args.out) / "ckpt.pt", state)
 
 
 def agree(stop, seconds, world_size, device):
@@ -631,6 +676,49 @@ def agree(stop, seconds, world_size, device):
     shared = torch.tensor([float(stop), seconds], dtype=torch.float64, device=device)
     dist.broadcast(shared, src=0)
     return bool(shared[0]), shared[1].item()
+
+
+def numbered(state, names):
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) keyed by number, as
+    optimizer.state_dict() keys it; named() is the way back."""
+    number = {name: i for i, name in enumerate(names)}
+    return {"state": {number[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [number[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def named(state, names):
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def shard_run(run, device, dtype, say):
+    """FSDP2, as torchtitan applies it: fully_shard on each layer, then on the whole model, over a mesh of the
+    ranks, so that each rank keeps 1/N of every weight, gradient and AdamW moment. Training in bfloat16 on CUDA,
+    the weights are gathered in bfloat16 and the gradients reduced in float32. The optimizer is made again over
+    the shards, with the state it had (a resumed run's), which torch.distributed.checkpoint splits."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    except ImportError:
+        raise UsageError(f"--fsdp needs torch 2.6 or newer (FSDP2), not {torch.__version__}") from None
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device.type == "cuda" and dtype == "bfloat16" else MixedPrecisionPolicy())
+    for module in [*run.model.layers, run.model]:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    # float16's scaler must skip a step on every rank if any rank's shard of the gradients overflowed.
+    scaler, run.scaler = run.scaler, ShardedGradScaler(device.type, enabled=run.scaler.is_enabled())
+    run.scaler.load_state_dict(scaler.state_dict())
+    state = run.optimizer.state_dict()
+    run.optimizer = make_optimizer(run.model, run.args.lr, run.args.weight_decay)
+    if state["state"]:
+        set_optimizer_state_dict(run.model, run.optimizer, named(state, optimizer_names(run.model)),
+                                 options=StateDictOptions(full_state_dict=True))
+    local = sum(param.to_local().numel() for param in run.model.parameters())
+    total = sum(param.numel() for param in run.model.parameters())
+    say(f"sharded over {dist.get_world_size()} ranks (FSDP2): rank 0 holds {local:,} of the {total:,} parameters")
 
 
 def catch_signals():
@@ -668,14 +756,20 @@ def train_main(args, device, rank=0, world_size=1):
     """Train, evaluate and checkpoint; under torchrun every rank runs this, and rank 0 alone prints, evaluates,
     writes checkpoints and samples."""
     say = print if rank == 0 else (lambda *_, **__: None)
+    if args.fsdp and world_size == 1:
+        raise UsageError("--fsdp shards the model over torchrun's processes: run it as torchrun "
+                         "--nproc_per_node=N train_tiny.py --fsdp ... with N >= 2")
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     run = prepare_run(args, device, dtype, world_size)
     describe(run, device, dtype, world_size, say)
+    if args.fsdp:
+        shard_run(run, device, dtype, say)
     # The training forward, compiled if asked (evaluation and sampling run the model as it is); with several
-    # processes DistributedDataParallel averages the gradients of their shares of every batch.
+    # processes DistributedDataParallel averages the gradients of their shares of every batch (FSDP
+    # reduce-scatters them itself).
     trained = torch.compile(run.model) if args.compile else run.model
-    trained = trained if world_size == 1 else DistributedDataParallel(trained)
+    trained = trained if world_size == 1 or args.fsdp else DistributedDataParallel(trained)
     interrupted, bar = catch_signals(), progress_bar(run, rank)
     run.started, tokens = time.perf_counter(), 0
     run.model.train()
@@ -692,8 +786,10 @@ def train_main(args, device, rank=0, world_size=1):
         losses = []
         for i, part in enumerate(shard(starts, rank, world_size, args.grad_accum)):
             x, y = windows(run.train_data, part, args.block_size, device)
-            last = i == args.grad_accum - 1                 # DDP averages gradients after the last part only
-            with (nullcontext() if last or world_size == 1 else trained.no_sync()), autocast:
+            last = i == args.grad_accum - 1                 # gradients are averaged after the last part only
+            if args.fsdp:
+                run.model.set_requires_gradient_sync(last)
+            with (nullcontext() if last or world_size == 1 or args.fsdp else trained.no_sync()), autocast:
                 _, loss = trained(x, y)
             run.scaler.scale(loss / args.grad_accum).backward()   # gradients of the mean over the whole batch
             losses.append(loss.item())
@@ -705,25 +801,31 @@ def train_main(args, device, rank=0, world_size=1):
         run.step += 1
         tokens += args.batch_size * args.block_size
         show_progress(bar, run, sum(losses) / len(losses), tokens / (time.perf_counter() - run.started))
-        if run.step % args.eval_interval == 0 and run.step < args.max_iters and rank == 0:
-            evaluate(run, device, autocast)
+        if run.step % args.eval_interval == 0 and run.step < args.max_iters and (rank == 0 or args.fsdp):
+            evaluate(run, device, autocast, rank)
     bar.close()
     wall = time.perf_counter() - run.started
-    if rank != 0:
+    if rank != 0 and not args.fsdp:
         return 130 if interrupted else 0
     ckpt_path = Path(args.out) / "ckpt.pt"
     if interrupted:
-        save_checkpoint(ckpt_path, run.checkpoint(device))
+        save(run, device, rank)
         say(f"interrupted at step {run.step} of {args.max_iters}: checkpoint saved to {ckpt_path}; "
             f"rerun the same command with --resume to continue")
         return 130
     if not run.history or run.history[-1]["step"] != run.step:
-        evaluate(run, device, autocast)
+        evaluate(run, device, autocast, rank)
+    if rank != 0:
+        return 0
     release_signals()
     say(f"done: {run.step} steps, {tokens:,} tokens in {wall:.0f} s this run ({tokens / wall:.0f} tok/s); best val "
         f"loss {run.best_val:.4f} nats ({run.best_val / math.log(2):.3f} {run.codec.bits_per}); checkpoint {ckpt_path}")
     prompt = args.prompt if not run.codec.unknown(args.prompt) else run.codec.decode([0])
-    text, tokens_per_second = sample_text(run.model, run.codec, prompt, args, device)
+    model = run.model
+    if args.fsdp:                                   # one process's model, from the checkpoint just gathered
+        model = Jamba(run.config).to(device)
+        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+    text, tokens_per_second = sample_text(model, run.codec, prompt, args, device)
     say(f"--- sample ({tokens_per_second:.0f} {run.codec.unit}/s) ---\n{text}")
     return 0
 
@@ -741,6 +843,9 @@ def main(argv=None):
             return train_main(args, device, rank, world_size)
         finally:
             if world_size > 1:                         # rank 0 may still be evaluating and sampling: wait for it
+                # A sharded model left to outlive the process group can abort the process at exit (torch
+                # 2.13, CPU, about one run in four): it goes first.
+                gc.collect()
                 dist.barrier()
                 dist.destroy_process_group()
     except UsageError as err:
