@@ -1942,6 +1942,25 @@ def test_fsdp_in_one_process_is_refused(corpus, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_is_what_llama_cpps_converter_reads(full_run, tmp_path):
+    """What llama.cpp's convert_hf_to_gguf.py asks of a Jamba directory, checked without it (vs_llama_cpp.py
+    --smoke runs it): a Llama-style BPE tokenizer.json (byte fallback, a Sequence decoder) that adds no BOS,
+    mamba_dt_rank a number, num_experts_per_tok at most num_experts; and an export of a model llama.cpp cannot run
+    (expand other than 2; train_tiny.py's CPU default is 1) says so in a line."""
+    for package in ("safetensors", "tokenizers"):
+        pytest.importorskip(package, reason=f"the export needs {package} (.ci/run installs it)")
+    out, _ = full_run
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--out", str(out), "--export", str(tmp_path / "hf")],
+                            capture_output=True, text=True, check=True, timeout=120)
+    assert "note: llama.cpp runs Jamba with expand 2 only, and this model has expand 1" in result.stdout
+    tokenizer = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    assert tokenizer["model"]["type"] == "BPE" and tokenizer["model"]["byte_fallback"]
+    assert tokenizer["decoder"]["type"] == "Sequence"
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert isinstance(config["mamba_dt_rank"], int) and config["num_experts_per_tok"] <= config["num_experts"] == 1
+
+
 def test_export_generates_in_transformers_what_sample_generates(full_run, tmp_path):
     """--export writes the run as a JambaForCausalLM directory with a character tokenizer: transformers'
     AutoTokenizer and JambaForCausalLM generate, greedily, exactly what --sample --temperature 0 prints, up to the
@@ -2078,7 +2097,8 @@ def test_fine_tune_refuses_bad_input_with_one_line(hf_to_fine_tune, corpus, tmp_
 # Each script runs in its smoke mode (tiny sizes) so that none can silently rot; the recall task's invariants.
 
 @pytest.mark.parametrize("script", ["scan_speed.py", "generation.py", "quality.py", "train_speed.py", "recall.py",
-                                    "gpu_check.py", "forecast.py", "vs_transformers.py", "sharded_memory.py"])
+                                    "gpu_check.py", "forecast.py", "vs_transformers.py", "sharded_memory.py",
+                                    "vs_llama_cpp.py"])
 def test_benchmark_smoke(script):
     if script == "forecast.py":
         pytest.importorskip("statsmodels", reason="forecast.py's data and ARIMA come from statsmodels (.ci/run "
@@ -2086,6 +2106,11 @@ def test_benchmark_smoke(script):
     if script == "vs_transformers.py":
         pytest.importorskip("transformers", reason="vs_transformers.py times transformers' JambaForCausalLM (.ci/run "
                             "installs it)")
+    if script == "vs_llama_cpp.py":        # the export, llama.cpp's converter and llama-cpp-python, as a user has them
+        for package in ("llama_cpp", "transformers", "safetensors", "tokenizers"):
+            pytest.importorskip(package, reason=f"vs_llama_cpp.py needs {package} (.ci/run installs it)")
+        if not os.environ.get("LLAMA_CPP_DIR"):
+            pytest.skip("vs_llama_cpp.py needs llama.cpp's converter: LLAMA_CPP_DIR (.ci/run sets it)")
     path = Path(__file__).with_name("benchmarks") / script
     result = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -2205,7 +2230,9 @@ def test_readme_python_snippet_runs(snippet, tmp_path, monkeypatch):
     Face format with a tokenizer for their characters (what --export writes), made on the fly."""
     for package in sorted(set(re.findall(r"^from (\w+) import", snippet, re.MULTILINE)) - {"JAMBA"}):
         pytest.importorskip(package, reason=f"this README snippet needs {package} (.ci/run installs it)")
-    if "from_pretrained" in snippet:
+    if "llama_cpp" in snippet and not os.environ.get("LLAMA_CPP_DIR"):
+        pytest.skip("this README snippet needs llama.cpp's converter: LLAMA_CPP_DIR (.ci/run sets it)")
+    if "from_pretrained" in snippet or "llama_cpp" in snippet:
         pytest.importorskip("safetensors", reason="checkpoints need safetensors (.ci/run installs it)")
         vocab = sorted(set(string.printable))
         model = tiny_jamba(vocab_size=len(vocab), rotary=False)
@@ -2213,6 +2240,10 @@ def test_readme_python_snippet_runs(snippet, tmp_path, monkeypatch):
             model.save_pretrained(tmp_path / name)
             for file, text in train_tiny.character_tokenizer_files(vocab).items():
                 (tmp_path / name / file).write_text(text)
+    if "llama_cpp" in snippet:                      # jamba-tiny.gguf, as README's llama.cpp commands make it
+        subprocess.run([sys.executable, str(Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py"),
+                        str(tmp_path / "jamba-tiny"), "--outfile", str(tmp_path / "jamba-tiny.gguf"), "--outtype",
+                        "f32"], check=True, capture_output=True, timeout=120)
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, str(README), "exec"), {"__name__": "readme"})  # noqa: S102  README's own code
 
@@ -2231,7 +2262,8 @@ def readme_commands():
             for part in line.split("&&"):
                 words = [word for word in shlex.split(part, comments=True) if word != "..."]
                 scripts = [i for i, word in enumerate(words) if word.endswith(".py")]
-                if words and words[0] in ("python", "torchrun") and scripts:
+                ours = scripts and Path(words[scripts[0]]).parts[0] in ("train_tiny.py", "benchmarks", "notebooks")
+                if words and words[0] in ("python", "torchrun") and ours:   # not llama.cpp's converter
                     commands.append(words[scripts[0]:])
     return commands
 

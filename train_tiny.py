@@ -78,8 +78,9 @@ notes:
   so a single process samples, exports or resumes it, and --fsdp --resume shards it again.
   The progress bar (a terminal only; a log gets a line per evaluation) shows the loss, tokens/s and, with
   experts, the load-balancing term ("balance", K when even). --time-budget makes it count seconds.
-  --export writes one token per character in tokenizer.json: transformers' greedy generation then gives the text
-  of --sample --temperature 0. A model the format cannot express (rotary positions, a layer plan that no
+  --export writes one token per character in tokenizer.json, in Llama's format, which transformers and llama.cpp's
+  converter read: greedy generation in either gives the text of --sample --temperature 0 (llama.cpp runs Jamba
+  with --expand 2 only; an export of another expand says so). A model the format cannot express (rotary positions, a layer plan that no
   attn_layer_period and attn_layer_offset give) is refused with what to change. --init-from takes the model and
   its settings from the checkpoint (model flags are refused, --dropout aside) and encodes --data once with its
   tokenizer; --export then writes that tokenizer and its special token ids.
@@ -247,15 +248,19 @@ class Codec:
 
 
 def character_tokenizer_files(vocab):
-    """tokenizer.json (one token per character, in the run's order) and tokenizer_config.json, so that
-    transformers' AutoTokenizer reads a character run's vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    tokenizer = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(vocab)}, unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # every character
-    tokenizer.decoder = decoders.Fuse()                                                       # joined as they are
+    """tokenizer.json (one token per character, in the run's order) and tokenizer_config.json, in the form of
+    Llama's tokenizer (BPE, here without merges; spaces written "▁"; byte fallback) so that both transformers'
+    AutoTokenizer and llama.cpp's converter read a character run's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    if "▁" in vocab:
+        raise UsageError("the vocabulary has the character '▁', which Llama's tokenizer format writes for a space")
+    tokenizer = Tokenizer(models.BPE({ch.replace(" ", "▁"): i for i, ch in enumerate(vocab)}, [], byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return {"tokenizer.json": tokenizer.to_str(),
             "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                 "clean_up_tokenization_spaces": False})}
+                                                 "clean_up_tokenization_spaces": False,
+                                                 "add_bos_token": False, "add_eos_token": False})}   # none
 
 
 def split_data(data, block_size):
@@ -520,6 +525,9 @@ def export_main(args):
     except ValueError as err:
         raise UsageError(f"--export: {err}") from None
     print(f"wrote {target}: {', '.join(sorted(path.name for path in target.iterdir()))}")
+    if model.config.expand != 2:
+        print(f"note: llama.cpp runs Jamba with expand 2 only, and this model has expand {model.config.expand}: "
+              "train with --expand 2 for a model that runs there too")
     return 0
 
 
