@@ -80,10 +80,10 @@ notes:
   experts, the load-balancing term ("balance", K when even). --time-budget makes it count seconds.
   --export writes one token per character in tokenizer.json, in Llama's format, which transformers and llama.cpp's
   converter read: greedy generation in either gives the text of --sample --temperature 0 (llama.cpp runs Jamba
-  with --expand 2 only; an export of another expand says so). A model the format cannot express (rotary positions, a layer plan that no
-  attn_layer_period and attn_layer_offset give) is refused with what to change. --init-from takes the model and
-  its settings from the checkpoint (model flags are refused, --dropout aside) and encodes --data once with its
-  tokenizer; --export then writes that tokenizer and its special token ids.
+  with --expand 2 only; an export of another expand says so). A model the format cannot express (rotary positions,
+  a layer plan that no attn_layer_period and attn_layer_offset give) is refused with what to change. --init-from
+  takes the model and its settings from the checkpoint (model flags are refused, --dropout aside) and encodes
+  --data once with its tokenizer; --export then writes that tokenizer and its special token ids.
   Checkpoints are read with torch.load(weights_only=True), so a ckpt.pt from elsewhere cannot run code.
   Bad input (a missing, empty, binary or too-short corpus, a setting JambaConfig refuses, a batch that does not
   split over the ranks, a corrupt or mismatched checkpoint, a prompt outside the vocabulary, an unavailable
