@@ -613,7 +613,9 @@ class JambaLayer(nn.Module):
 
     def step(self, x, state):
         """x (b, m) -> (b, m), the mixer's new state."""
-        mixed, state = _mixer_step(self.mixer, self.input_layernorm(x), state)   # fused, if it can
+        if _fusable(self, x, state):                # the same arithmetic in one kernel call
+            return _fused().layer_step(self, x, state)
+        mixed, state = self.mixer.step(self.input_layernorm(x), state)
         return self._feed_forward(x + mixed), state
 
     def _feed_forward(self, x):
@@ -780,9 +782,12 @@ def pad_prompts(prompts, pad_id=0):
 def _check_settings(**s):
     """Every setting's rule, in one place: the blocks, JambaConfig and generate give theirs by
     name."""
+    counts = ("vocab_size d_model num_mamba_layers num_transformer_layers nhead dim_feedforward "  # noqa: SIM905
+              "max_seq_length d_state d_conv expand dt_rank num_experts num_key_value_heads "
+              "num_experts_per_tok max_new_tokens top_k").split()    # the settings that are counts
     for name, value in s.items():
-        if name not in ["vocab_size", "d_model", "num_mamba_layers", "num_transformer_layers", "nhead", "dim_feedforward", "max_seq_length", "d_state", "d_conv", "expand", "dt_rank", "num_experts", "num_key_value_heads", "num_experts_per_tok", "max_new_tokens", "top_k"] or (
-                name, value) in (("dt_rank", "auto"), ("num_key_value_heads", None), ("top_k", None)):
+        if name not in counts or (name, value) in (("dt_rank", "auto"), ("num_key_value_heads", None),
+                                                   ("top_k", None)):
             continue
         low = 0 if name in ["num_mamba_layers", "num_transformer_layers", "max_new_tokens"] else 1
         high = s["num_experts"] if name == "num_experts_per_tok" else None
@@ -979,11 +984,13 @@ def _scan_function(scan, device):
             "sequential": selective_scan_sequential}[scan]
 
 
-def _mixer_step(mixer, x, state):
-    """mixer.step(x, state); a Mamba block whose scan is the fused one steps through kernels/fused.py,
-    which does the same arithmetic in one kernel call where it can: dozens of small torch ops fewer."""
-    fused = isinstance(mixer, MambaBlock) and _scan_function(mixer.scan, x.device) is selective_scan_fused
-    return _fused().step(mixer, x, state) if fused else mixer.step(x, state)
+def _fusable(layer, x, state):
+    """Whether a layer's step goes through kernels/fused.py's layer_step, the same arithmetic in one
+    call where dozens of small torch ops cost more than it: a Mamba layer on the fused scan, in
+    inference (no gradient, no dropout), its input and states of one dtype (float32 or float64)."""
+    return (isinstance(layer.mixer, MambaBlock) and not torch.is_grad_enabled() and not layer.training
+            and x.dtype == state[0].dtype == state[1].dtype
+            and _scan_function(layer.mixer.scan, x.device) is selective_scan_fused)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -440,19 +440,26 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("inner_layernorms", [True, False])
-def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
-    """The fused step (one call of the fused library, which a Jamba layer's step makes where it can) gives
-    MambaBlock.step's arithmetic, done in small torch operations."""
+@pytest.mark.parametrize(("inner_layernorms", "experts"), [(True, False), (False, False), (True, True)])
+def test_fused_layer_step_equals_the_torch_step(dtype, inner_layernorms, experts):
+    """A Jamba layer with a Mamba mixer steps in one call of the fused library in inference (its norms, residuals,
+    the Mamba step and a dense MLP; a mixture of experts after it in torch): the arithmetic of its torch step,
+    MambaBlock.step and the feed-forward in small torch operations. With a gradient it takes the torch step."""
     require_fused()
     torch.manual_seed(0)
-    block = trained_like(MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms).to(dtype))
+    mlp = MixtureOfExperts(24, 40, num_experts=4) if experts else MLP(24, 40)
+    layer = trained_like(JAMBA.JambaLayer(MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms,
+                                                     scan="fused"), mlp, 24).to(dtype).eval())
     x = torch.randn(3, 10, 24, dtype=dtype)
+
+    def torch_step(x, state):
+        mixed, state = layer.mixer.step(layer.input_layernorm(x), state)
+        return layer._feed_forward(x + mixed), state
     results = []
     with torch.no_grad():
-        for step in (lambda x, state: JAMBA._mixer_step(block, x, state), block.step):
-            block.scan = "fused"
-            _, state = block.prefill(x[:, :4])
+        for step in (layer.step, torch_step):
+            _, state = layer.prefill(x[:, :4])
+            assert JAMBA._fusable(layer, x[:, 4], state)
             outs = []
             for t in range(4, 10):
                 out, state = step(x[:, t], state)
@@ -461,6 +468,7 @@ def test_mamba_block_fused_step_equals_the_torch_step(dtype, inner_layernorms):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+    assert not JAMBA._fusable(layer, x[:, 4], state)               # with a gradient: the torch step
 
 
 def test_mamba_block_matches_reference_parameters_and_init():

@@ -2,10 +2,11 @@
 its kernels registered as torch ops.
 
 selective_scan.cpp holds [Mamba] Algorithm 2 as one loop over time per block of channels (the selective scan,
-forward and backward), the block's causal conv, and its recurrent step. It is compiled with the machine's C++
-compiler and no torch headers, in seconds, into ~/.cache/jamba, and called through ctypes. The scan and the conv are
-torch ops (torch.library.custom_op): each has a fake kernel, which gives torch.compile its outputs' shapes without
-running it, and an autograd formula, so `torch.compile(model, fullgraph=True)` traces a Mamba block through them.
+forward and backward), the block's causal conv, and a Mamba layer's recurrent step. It is compiled with the
+machine's C++ compiler and no torch headers, in seconds, into ~/.cache/jamba, and called through ctypes. The scan
+and the conv are torch ops (torch.library.custom_op): each has a fake kernel, which gives torch.compile its outputs'
+shapes without running it, and an autograd formula, so `torch.compile(model, fullgraph=True)` traces a Mamba block
+through them.
 
 JAMBA.py loads this file the first time a Mamba block asks for it (JAMBA._fused) and uses its parallel scan
 where it is missing or cannot be built. Letters as in JAMBA.py's glossary; D is d padded to whole blocks of LANES.
@@ -231,26 +232,19 @@ def causal_conv(x, weight, bias):
     return out[..., :x.shape[2]].to(x.dtype)
 
 
-def mamba_step(block, xz, conv_state, ssm_state):
-    """A MambaBlock's step() from in_proj's output xz (b, 2d) to out_proj's input y (b, d), in one call: the
-    conv window, x_proj, the inner RMSNorms, dt_proj, softplus, the state update, C h, D and the gate. Inference
-    only (no gradient flows through it), for float32 or float64 weights and states -> (y, new conv_state, new
-    ssm_state)."""
-    norms = [block.dt_layernorm, block.b_layernorm, block.c_layernorm] if block.inner_layernorms else [None] * 3
-    conv_state, ssm_state = conv_state.contiguous(), ssm_state.contiguous()
-    new_conv_state, new_ssm_state = torch.empty_like(conv_state), torch.empty_like(ssm_state)
-    y = xz.new_empty(xz.shape[0], block.d_inner)
-    _call("mamba_step", conv_state, xz, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight,
-          *(None if norm is None else norm.weight for norm in norms), block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D,
-          ssm_state, new_conv_state, new_ssm_state, y, xz.shape[0], block.d_inner, block.d_state, block.dt_rank,
-          block.d_conv, ctypes.c_double(norms[0].eps if norms[0] else 0.0))
-    return y, new_conv_state, new_ssm_state
-
-
-def step(block, x, state):
-    """A MambaBlock's step(x, state), through mamba_step where no gradient is wanted and weights and state
-    share a float32 or float64 dtype; else block.step itself (bfloat16 and float16 models, training)."""
-    if torch.is_grad_enabled() or not x.dtype == state[0].dtype == state[1].dtype:
-        return block.step(x, state)
-    y, conv_state, h = mamba_step(block, block.in_proj(x), *state)   # (b, d), (b, d, k), (b, d, n)
-    return block.out_proj(y), (conv_state, h)
+def layer_step(layer, x, state):
+    """A JambaLayer's step(x, state) for a Mamba layer, in one call: both RMSNorms and residuals, in_proj, the conv
+    window, x_proj, the inner RMSNorms, dt_proj, softplus, the state update, C h, D, the gate, out_proj, and a
+    dense MLP (a mixture of experts runs in torch after it). Inference only, for float32 or float64 weights and
+    states -> (y, (new conv_state, new ssm_state))."""
+    block, mlp, (conv_state, h) = layer.mixer, layer.feed_forward, (s.contiguous() for s in state)
+    norms = [getattr(block, f"{name}_layernorm", None) for name in ("dt", "b", "c")]    # None where off
+    ff = [getattr(mlp, f"{name}_proj", None) for name in ("gate", "up", "down")]     # None: experts
+    y, new_conv_state, new_h = torch.empty_like(x), torch.empty_like(conv_state), torch.empty_like(h)
+    _call("layer_step", x.contiguous(), layer.input_layernorm.weight, block.in_proj.weight, conv_state,
+          block.conv1d.weight, block.conv1d.bias, block.x_proj.weight, *(getattr(n, "weight", None) for n in norms),
+          block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D, h, block.out_proj.weight,
+          layer.pre_ff_layernorm.weight, *(getattr(p, "weight", None) for p in ff), new_conv_state, new_h, y,
+          *x.shape, block.d_inner, block.d_state, block.dt_rank, block.d_conv, getattr(ff[0], "out_features", 0),
+          ctypes.c_double(getattr(norms[0], "eps", 0.0)), ctypes.c_double(layer.input_layernorm.eps))
+    return (y if ff[0] else layer._feed_forward(y)), (new_conv_state, new_h)

@@ -347,6 +347,53 @@ template <typename T> static void mamba_step(const Step<T>& s) {
     }
 }
 
+// out = w x for a (rows, cols) row-major matrix w, as nn.Linear keeps its weight.
+template <typename T> static void matvec(const T* w, const T* x, T* out, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const T* row = w + i * cols;
+        T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < cols; ++j) sum += row[j] * x[j];
+        out[i] = sum;
+    }
+}
+
+// A Jamba layer with a Mamba mixer, one token: r = x + out_proj(mamba_step(in_proj(norm(x)))), then for a dense
+// MLP out = r + down(silu(gate(norm(r))) * up(norm(r))), with JambaLayer's two RMSNorms; without one (no gate_w),
+// out = r.
+template <typename T> struct Layer {
+    const T *x, *norm_w, *in_proj_w, *out_proj_w, *ff_norm_w, *gate_w, *up_w, *down_w;
+    T* out;
+    int64_t m, f;
+    T eps;
+};
+
+template <typename T> static void layer_step(const Layer<T>& L, Step<T> s) {
+    const int64_t b = s.b, m = L.m, d = s.d, f = L.f;
+    std::vector<T> normed(m), xz(b * 2 * d), y(b * d), gate(f), up(f);
+    for (int64_t bi = 0; bi < b; ++bi) {
+        std::copy(L.x + bi * m, L.x + (bi + 1) * m, normed.begin());
+        rms_norm(normed.data(), m, L.norm_w, L.eps);
+        matvec(L.in_proj_w, normed.data(), xz.data() + bi * 2 * d, 2 * d, m);
+    }
+    s.xz = xz.data();
+    s.y = y.data();
+    mamba_step(s);
+    for (int64_t bi = 0; bi < b; ++bi) {
+        T* out = L.out + bi * m;
+        matvec(L.out_proj_w, y.data() + bi * d, out, m, d);
+        for (int64_t j = 0; j < m; ++j) out[j] += L.x[bi * m + j];      // the first residual
+        if (!L.gate_w) continue;                                        // a mixture of experts: torch's to run
+        std::copy(out, out + m, normed.begin());
+        rms_norm(normed.data(), m, L.ff_norm_w, L.eps);
+        matvec(L.gate_w, normed.data(), gate.data(), f, m);
+        matvec(L.up_w, normed.data(), up.data(), f, m);
+        for (int64_t i = 0; i < f; ++i) gate[i] = gate[i] / (T(1) + exp_(-gate[i])) * up[i];
+        matvec(L.down_w, gate.data(), normed.data(), m, f);
+        for (int64_t j = 0; j < m; ++j) out[j] += normed[j];            // the second
+    }
+}
+
 // Work items (one block of LANES channels of one sequence each) in contiguous runs, one run per thread. With
 // OpenMP the threads are torch's own: the process has loaded torch's OpenMP runtime, which this library then shares,
 // so the two never compete for the cores. f(thread, first item, end) sets up its scratch space once per thread.
@@ -394,6 +441,18 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
                                         int64_t r, int64_t k, double eps) {                                       \
         mamba_step(Step<T>{window, xz, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,       \
                            dt_proj_b, A_log, D, h, new_window, new_h, y, b, d, n, r, k, T(eps)});                 \
+    }                                                                                                             \
+    extern "C" void layer_step_##suffix(const T* x, const T* norm_w, const T* in_proj_w, const T* window,         \
+                                        const T* conv_w, const T* conv_b, const T* x_proj_w, const T* dt_norm_w,  \
+                                        const T* b_norm_w, const T* c_norm_w, const T* dt_proj_w,                 \
+                                        const T* dt_proj_b, const T* A_log, const T* D, const T* h,               \
+                                        const T* out_proj_w, const T* ff_norm_w, const T* gate_w, const T* up_w,  \
+                                        const T* down_w, T* new_window, T* new_h, T* out, int64_t b, int64_t m,   \
+                                        int64_t d, int64_t n, int64_t r, int64_t k, int64_t f, double inner_eps,  \
+                                        double eps) {                                                             \
+        layer_step(Layer<T>{x, norm_w, in_proj_w, out_proj_w, ff_norm_w, gate_w, up_w, down_w, out, m, f, T(eps)},  \
+                   Step<T>{window, nullptr, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,   \
+                           dt_proj_b, A_log, D, h, new_window, new_h, nullptr, b, d, n, r, k, T(inner_eps)});     \
     }                                                                                                             \
     extern "C" void conv_forward_##suffix(const T* x, const T* w, const T* bias, T* out, int64_t b, int64_t l,    \
                                           int64_t d, int64_t k, int threads) {                                    \
