@@ -361,14 +361,12 @@ def _rotary(x, positions):
 class AttentionCache(NamedTuple):
     """An attention layer's state in generation. The first `length` slots of keys and values
     (b, g, room, e) hold the latest steps, oldest first, and is_token (b, 1, room, 1) which are
-    tokens, not pads; next_position (b, 1), each row's next rotary position (its tokens so far);
-    pads, whether the cache ever took a pad in."""
+    tokens, not pads; next_position (b, 1), each row's next rotary position (its tokens so far)."""
     keys: torch.Tensor
     values: torch.Tensor
     is_token: torch.Tensor
     length: int
     next_position: torch.Tensor
-    pads: bool
 
 
 class AttentionBlock(nn.Module):
@@ -426,8 +424,7 @@ class AttentionBlock(nn.Module):
         is_token = x.new_ones(b, l, dtype=torch.bool) if mask is None else mask.bool()   # (b, l)
         first = 0 if state is None else state.next_position             # (b, 1)
         q, k, v = self._qkv(x, first + is_token.cumsum(-1) - 1)         # a pad repeats a position
-        pads = (state is not None and state.pads) or not is_token.all()
-        state = self._append(state, k, v, is_token, first + is_token.sum(-1, keepdim=True), pads)
+        state = self._append(state, k, v, is_token, first + is_token.sum(-1, keepdim=True))
         s = min(state.length - l, self.max_seq_length - 1) + l          # the steps x's queries see
         seen = slice(state.length - s, state.length)
         causal = torch.ones(l, s, dtype=torch.bool, device=x.device).tril(s - l)   # (l, s)
@@ -439,16 +436,15 @@ class AttentionBlock(nn.Module):
 
     def step(self, x, state):
         """One token x (b, m) and its cache -> (out (b, m), the cache, appended to in place):
-        prefill for one query, over the last max_seq_length steps; masked only where the cache has
-        pads."""
+        prefill for one query, over the tokens among the last max_seq_length steps."""
         q, k, v = self._qkv(x[:, None], state.next_position)        # (b, h, 1, e), (b, g, 1, e)
         token = state.next_position >= 0                                # (b, 1)  True
-        state = self._append(state, k, v, token, state.next_position + 1, state.pads)
+        state = self._append(state, k, v, token, state.next_position + 1)
         seen = slice(max(0, state.length - self.max_seq_length), state.length)
-        mask = state.is_token[:, :, seen].mT if state.pads else None     # (b, 1, 1, s)
-        return self._attend(q, state.keys[:, :, seen], state.values[:, :, seen], mask)[:, 0], state
+        return self._attend(q, state.keys[:, :, seen], state.values[:, :, seen],
+                            state.is_token[:, :, seen].mT)[:, 0], state     # mask (b, 1, 1, s)
 
-    def _append(self, cache, k, v, is_token, next_position, pads):
+    def _append(self, cache, k, v, is_token, next_position):
         """cache (or None) with l more steps written into its free slots: k, v (b, g, l, e),
         is_token (b, l). When too few slots are free, the steps a later query can still see (the
         last max_seq_length - 1) move to a new room with 64 slots to spare: a copy of them every 64
@@ -459,11 +455,11 @@ class AttentionBlock(nn.Module):
             kept = min(n, self.max_seq_length - 1)
             old = [t[:, :, :0] for t in new] if cache is None else cache[:3]
             cache = AttentionCache(*(torch.cat([o[:, :, n - kept:n], t.new_empty(
-                *t.shape[:2], kept + l + 64, t.shape[3])], 2) for o, t in zip(old, new)), kept, 0, 0)
+                *t.shape[:2], kept + l + 64, t.shape[3])], 2) for o, t in zip(old, new)), kept, 0)
             n = kept
         for buffer, t in zip(cache, new):
             buffer[:, :, n:n + l] = t
-        return cache._replace(length=n + l, next_position=next_position, pads=pads)
+        return cache._replace(length=n + l, next_position=next_position)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -613,8 +609,6 @@ class JambaLayer(nn.Module):
 
     def step(self, x, state):
         """x (b, m) -> (b, m), the mixer's new state."""
-        if _fusable(self, x, state):                # the same arithmetic in one kernel call
-            return _fused().layer_step(self, x, state)
         mixed, state = self.mixer.step(self.input_layernorm(x), state)
         return self._feed_forward(x + mixed), state
 
@@ -722,8 +716,10 @@ class Jamba(nn.Module):
         """The recurrent pass: one token per sequence (b,) and the states -> (logits (b, v), the new
         states). inputs_embeds (b, m) in place of token (then None), and return_hidden, as in
         forward."""
-        _check_step(self, token, inputs_embeds)
+        _check_step(self, token, states, inputs_embeds)
         x = self.embed_tokens(token) if inputs_embeds is None else inputs_embeds   # (b, m)
+        if _fusable(self, x, states):               # the same arithmetic in one kernel call
+            return _fused().model_step(self, x, states, return_hidden)
         states = list(states)
         for i, layer in enumerate(self.layers):
             x, states[i] = layer.step(x, states[i])
@@ -767,10 +763,10 @@ def pad_prompts(prompts, pad_id=0):
     token ids -> (idx (b, l), attention_mask (b, l)), l the longest prompt's length, each row
     pad_id then its prompt."""
     _check_prompts(prompts)
-    l = max(map(len, prompts))
+    pad = nn.utils.rnn.pad_sequence
     # (b, l) twice: pad_id, then each prompt; and its mask, 0 at the pads
-    return (torch.stack([F.pad(p, (l - len(p), 0), value=pad_id) for p in prompts]),
-            torch.stack([F.pad(torch.ones_like(p), (l - len(p), 0)) for p in prompts]))
+    return (pad(prompts, batch_first=True, padding_value=pad_id, padding_side="left"),
+            pad([torch.ones_like(p) for p in prompts], batch_first=True, padding_side="left"))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -889,19 +885,8 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
         if value is not None and getattr(value, "shape", None) != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{name} must be a tensor of shape (b, l) = {tuple(shape)}, got {got}")
-    n = len(model.layers)
-    if states is not None and (not isinstance(states, (list, tuple)) or len(states) != n):
-        raise ValueError(f"states must be the list of {n} layer states that prefill or step "
-                         "returned")
-    for i, state in enumerate(states or []):      # each as its layer's prefill or step returned it
-        mixer, b = model.layers[i].mixer, shape[0]
-        mamba = isinstance(mixer, MambaBlock)
-        shape_h = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
-        if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
-                getattr(state[1], "shape", ())[:len(shape_h)] != shape_h:
-            raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) "
-                             f"for a batch of {b}: give the states this model's prefill or step "
-                             "returned")
+    if states is not None:
+        _check_states(model, states, shape[0])
     if attention_mask is None:
         return None
     if attention_mask.is_floating_point() or (attention_mask != attention_mask.bool()).any():
@@ -917,9 +902,27 @@ def _check_inputs(model, idx, targets=None, attention_mask=None, inputs_embeds=N
     return mask
 
 
-def _check_step(model, token, inputs_embeds):
-    """step's vectors, where it is given vectors. Token ids are taken as they are: checking each one
-    would cost more than the step on a GPU (reading a value back waits for the device)."""
+def _check_states(model, states, b):
+    """states as prefill or step returned them, for a batch of b: each layer's, in a list."""
+    n = len(model.layers)
+    if not isinstance(states, (list, tuple)) or len(states) != n:
+        raise ValueError(f"states must be the list of {n} layer states that prefill or step "
+                         "returned")
+    for i, state in enumerate(states):
+        mixer = model.layers[i].mixer
+        mamba = isinstance(mixer, MambaBlock)
+        shape_h = (b, mixer.d_inner, mixer.d_state) if mamba else (b, mixer.num_key_value_heads)
+        if not isinstance(state, tuple) or isinstance(state, AttentionCache) == mamba or \
+                getattr(state[1], "shape", ())[:len(shape_h)] != shape_h:
+            raise ValueError(f"states[{i}] is not a state of layer {i} ({type(mixer).__name__}) "
+                             f"for a batch of {b}: give the states this model's prefill or step "
+                             "returned")
+
+
+def _check_step(model, token, states, inputs_embeds):
+    """step's vectors, where it is given vectors, and its states. Token ids are taken as they are:
+    checking each one would cost more than the step on a GPU (reading a value back waits for the
+    device)."""
     if inputs_embeds is not None:
         if getattr(inputs_embeds, "ndim", 0) != 2:
             raise ValueError("step's inputs_embeds must be one vector per sequence, a tensor of "
@@ -927,6 +930,7 @@ def _check_step(model, token, inputs_embeds):
         inputs_embeds = inputs_embeds[:, None]                          # (b, 1, m), as prefill's
     if token is None or inputs_embeds is not None:
         _check_inputs(model, token, inputs_embeds=inputs_embeds)
+    _check_states(model, states, len(token if inputs_embeds is None else inputs_embeds))
 
 
 def _check_generate(model, idx, max_new_tokens, temperature, top_k, attention_mask):
@@ -984,13 +988,16 @@ def _scan_function(scan, device):
             "sequential": selective_scan_sequential}[scan]
 
 
-def _fusable(layer, x, state):
-    """Whether a layer's step goes through kernels/fused.py's layer_step, the same arithmetic in one
-    call where dozens of small torch ops cost more than it: a Mamba layer on the fused scan, in
-    inference (no gradient, no dropout), its input and states of one dtype (float32 or float64)."""
-    return (isinstance(layer.mixer, MambaBlock) and not torch.is_grad_enabled() and not layer.training
-            and x.dtype == state[0].dtype == state[1].dtype
-            and _scan_function(layer.mixer.scan, x.device) is selective_scan_fused)
+def _fusable(model, x, states):
+    """Whether a Jamba's step goes through kernels/fused.py's model_step, the same arithmetic in one
+    call where hundreds of small torch ops cost more than it: on the fused scan, in inference (no
+    gradient, no dropout), x and the states of one dtype, float32 or float64 (model_step checks that
+    the weights are too), and a small batch: it reads every weight once per sequence, torch's
+    matrix products once per batch, which wins past about 4096 numbers in x (b * d_model)."""
+    return (not (torch.is_grad_enabled() or model.training) and x.numel() <= 4096
+            and {x.dtype, *(t.dtype for state in states for t in state[:2])}
+            in ({torch.float32}, {torch.float64})
+            and _scan_function(model.config.scan, x.device) is selective_scan_fused)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1136,8 +1143,8 @@ def _hf_config(model, special_token_ids):
     settings = dict(vars(c), **plan,
                     num_key_value_heads=c.num_key_value_heads or c.nhead,
                     num_experts_per_tok=min(c.num_experts_per_tok, c.num_experts),
-                    dt_rank=next((layer.mixer.dt_rank for layer in model.layers
-                                  if isinstance(layer.mixer, MambaBlock)), c.dt_rank))
+                    dt_rank=max(getattr(layer.mixer, "dt_rank", 0) for layer in model.layers)
+                    or c.dt_rank)
     return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "num_hidden_layers": n,
             **{theirs: settings[ours] for ours, theirs in _HF_CONFIG_NAMES.items()}, **_HF_FIXED,
             "dtype": str(model.embed_tokens.weight.dtype)[6:],

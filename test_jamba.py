@@ -439,38 +439,6 @@ def test_mamba_block_step_equals_forward(l, prompt, seed):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("inner_layernorms", "experts"), [(True, False), (False, False), (True, True)])
-def test_fused_layer_step_equals_the_torch_step(dtype, inner_layernorms, experts):
-    """A Jamba layer with a Mamba mixer steps in one call of the fused library in inference (its norms, residuals,
-    the Mamba step and a dense MLP; a mixture of experts after it in torch): the arithmetic of its torch step,
-    MambaBlock.step and the feed-forward in small torch operations. With a gradient it takes the torch step."""
-    require_fused()
-    torch.manual_seed(0)
-    mlp = MixtureOfExperts(24, 40, num_experts=4) if experts else MLP(24, 40)
-    layer = trained_like(JAMBA.JambaLayer(MambaBlock(24, d_state=4, d_conv=3, inner_layernorms=inner_layernorms,
-                                                     scan="fused"), mlp, 24).to(dtype).eval())
-    x = torch.randn(3, 10, 24, dtype=dtype)
-
-    def torch_step(x, state):
-        mixed, state = layer.mixer.step(layer.input_layernorm(x), state)
-        return layer._feed_forward(x + mixed), state
-    results = []
-    with torch.no_grad():
-        for step in (layer.step, torch_step):
-            _, state = layer.prefill(x[:, :4])
-            assert JAMBA._fusable(layer, x[:, 4], state)
-            outs = []
-            for t in range(4, 10):
-                out, state = step(x[:, t], state)
-                outs.append(out)
-            results.append((torch.stack(outs, 1), *state))
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for actual, expected in zip(*results):
-        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
-    assert not JAMBA._fusable(layer, x[:, 4], state)               # with a gradient: the torch step
-
-
 def test_mamba_block_matches_reference_parameters_and_init():
     """The reference mamba_simple.Mamba(d_model=32) has exactly these parameters; its state_dict loads strictly."""
     torch.manual_seed(0)
@@ -907,6 +875,49 @@ def test_cached_path_equals_full_forward(variant):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("experts", "batch"), [(False, 3), (True, 3), (False, 1), (True, 1)])
+def test_fused_step_equals_the_torch_step(monkeypatch, dtype, experts, batch):
+    """In inference on a CPU, Jamba.step runs in one call of the fused library (kernels/fused.py's model_step): the
+    logits, hidden states and states of the torch step, over a left-padded batch, 70 steps past a window of 5
+    (the attention cache moves to a new room), with grouped-query heads, rotary positions in the attention layer
+    before the Mamba layers and none in the one after, experts or dense MLPs; one sequence (read by all threads
+    together) or three (each by a thread). With a gradient, or a batch too large, it takes torch's."""
+    require_fused()
+    torch.manual_seed(0)
+    model = trained_like(tiny_jamba(num_mamba_layers=2, num_transformer_layers=2, attn_layer_period=2,
+                                    attn_layer_offset=0, nhead=4, num_key_value_heads=2, max_seq_length=5,
+                                    num_experts=4 if experts else 1, tie_word_embeddings=False).to(dtype).eval())
+    assert (model.layer_pattern, model.mlp_pattern) == ("AMAM", "DEDE" if experts else "DDDD")
+    with torch.no_grad():   # scores far from 0, so that a wrong position or key changes the softmax
+        model.layers[0].mixer.q_proj.weight.mul_(20)
+    prompts = [torch.tensor([4]), torch.tensor([1, 2, 3]), torch.tensor([5, 6, 7, 8])][:batch]
+    prompt, mask = JAMBA.pad_prompts(prompts)
+    tokens = torch.randint(0, 11, (batch, 70), generator=torch.Generator().manual_seed(1))
+    results = []
+    with torch.no_grad():
+        for fused in (True, False):
+            monkeypatch.setattr(JAMBA, "_fusable", lambda *args, fused=fused: fused)
+            _, states = model.prefill(prompt, attention_mask=mask)
+            outs = []
+            for t in range(70):
+                embeds = model.embed_tokens(tokens[:, t])
+                hidden = model.step(None, states, inputs_embeds=embeds, return_hidden=True)[0]
+                logits, states = model.step(tokens[:, t], states)
+                outs += [logits, hidden]
+            # each layer's state: a Mamba layer's conv window and h, an attention layer's keys and values so far
+            results.append([*outs, *(t[:, :, :state.length] if isinstance(state, JAMBA.AttentionCache) else t
+                                     for state in states for t in state[:2])])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert JAMBA._fusable(model, embeds, states) and not JAMBA._fusable(model.train(), embeds, states)
+        assert not JAMBA._fusable(model.eval(), embeds.repeat(257, 1), states)   # a batch past 4096 numbers
+    assert not JAMBA._fusable(model, embeds, states)                  # with a gradient
+
+
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_greedy_generate_equals_naive_loop(variant):
     model = tiny_jamba(**MODEL_VARIANTS[variant]).double().eval()
@@ -1063,7 +1074,7 @@ def test_prefill_in_pieces_equals_reading_whole_and_stepping(variant, data):
         torch.testing.assert_close(other[tokens], whole[tokens], rtol=1e-9, atol=1e-9)
         for state, expected in zip(other_states, whole_states):
             if isinstance(state, AttentionCache):             # the steps a later query sees (rooms differ)
-                assert state.pads and torch.equal(state.next_position, expected.next_position)
+                assert torch.equal(state.next_position, expected.next_position)
                 seen = min(l, 16 - 1)
                 state, expected = ((c.keys[:, :, c.length - seen:c.length], c.values[:, :, c.length - seen:c.length],
                                     c.is_token[:, :, c.length - seen:c.length]) for c in (state, expected))
@@ -1123,7 +1134,9 @@ def test_generate_reads_a_long_prompt_in_parallel_pieces():
 
 
 def test_masks_and_states_are_checked_before_any_work():
-    model = tiny_jamba()
+    """Masks and states, each with a one-line message naming what is wrong: forward's, prefill's and generate's, and
+    step's states too, before the fused step (inference here) reads them."""
+    model = tiny_jamba().eval()
     idx = torch.randint(0, 11, (2, 5))
     ones = torch.ones(2, 5, dtype=torch.long)
     _, states = model.prefill(idx)
@@ -1142,9 +1155,12 @@ def test_masks_and_states_are_checked_before_any_work():
         (lambda: model.prefill(idx, states[:3]), "states must be the list of 4 layer states"),
         (lambda: model.prefill(idx, other_model_states), r"states\[1\] is not a state of layer 1 \(MambaBlock\)"),
         (lambda: model.prefill(idx[:1], states), r"states\[0\] is not a state of layer 0 \(MambaBlock\) for a batch"),
+        (lambda: model.step(idx[:1, 0], states), r"states\[0\] is not a state of layer 0 \(MambaBlock\) for a batch"),
+        (lambda: model.step(idx[:, 0], other_model_states), r"states\[1\] is not a state of layer 1 \(MambaBlock\)"),
+        (lambda: model.step(idx[:, 0], states[:3]), "states must be the list of 4 layer states"),
     ]
     for call, message in cases:
-        with pytest.raises(ValueError, match=message) as error:
+        with pytest.raises(ValueError, match=message) as error, torch.no_grad():
             call()
         assert "\n" not in str(error.value)
 

@@ -5,9 +5,9 @@
 
 For each context length L: prefill a random prompt of L tokens (one parallel pass), then time --new-tokens single
 steps of generation (the median step is the time per token) and count the bytes the layers' states hold for one
-sequence: the attention key/value caches (sized for L + new tokens) and the Mamba conv and SSM states. The plain
-Mamba and the hybrid are also timed with scan="parallel", whose Mamba layers step in small torch operations
-instead of the fused library's one call (the same weights, in the same process, context by context).
+sequence: the attention key/value caches (sized for L + new tokens) and the Mamba conv and SSM states. Each model
+is also timed with scan="parallel", whose step is torch's, in small operations, instead of the fused library's one
+call for the whole model (the same weights, in the same process, context by context).
 Then a prompt of 4 x max_seq_length tokens is read both ways generate has done it: max_seq_length in parallel and
 the rest token by token (before), and in parallel pieces of max_seq_length (now).
 
@@ -35,7 +35,8 @@ def variants(n_layers):
             "hybrid": (n_layers - n_attention, n_attention)}
 
 
-UNFUSED = {"mamba, torch step": "mamba", "hybrid, torch step": "hybrid"}     # scan="parallel" steps in torch ops
+# scan="parallel": the step in torch operations
+UNFUSED = {"transformer, torch step": "transformer", "mamba, torch step": "mamba", "hybrid, torch step": "hybrid"}
 
 
 @torch.no_grad()
@@ -145,7 +146,7 @@ def main():
     if plt is None:
         return
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, style in zip(plans, ("o-", "s-", "^-", "s:", "^:")):
+    for name, style in zip(plans, ("o-", "s-", "^-", "o:", "s:", "^:")):
         ax_time.semilogx(contexts, [1e3 * results[name, c][0] for c in contexts], style, label=name)
         if name in names:
             ax_mem.loglog(contexts, [results[name, c][1] / 2 ** 20 for c in contexts], style, label=name)

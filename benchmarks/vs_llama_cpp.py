@@ -13,7 +13,7 @@ and llama-cpp-python loads that.
 Compared: the logits of both over --compare-tokens tokens of the validation text, read at once, as the largest
 difference relative to the largest logit; and --new-tokens greedy tokens after a 16-token prompt. Timed at batch 1,
 in turns, median of --repeats: the prompt then --new-tokens greedy tokens, per token: JAMBA.py's generate (its
-fused Mamba step), the same greedy loop through torch.compile(model.step), and llama.cpp at f32 and at q8_0,
+fused step), the same greedy loop through torch.compile(model.step), and llama.cpp at f32 and at q8_0,
 each on 2 threads. The logits must agree within float32's rounding bound (float32_bound), the greedy tokens
 exactly; otherwise the script exits with status 1.
 """

@@ -2,14 +2,14 @@
 its kernels registered as torch ops.
 
 selective_scan.cpp holds [Mamba] Algorithm 2 as one loop over time per block of channels (the selective scan,
-forward and backward), the block's causal conv, and a Mamba layer's recurrent step. It is compiled with the
+forward and backward), the block's causal conv, and a whole model's recurrent step. It is compiled with the
 machine's C++ compiler and no torch headers, in seconds, into ~/.cache/jamba, and called through ctypes. The scan
 and the conv are torch ops (torch.library.custom_op): each has a fake kernel, which gives torch.compile its outputs'
 shapes without running it, and an autograd formula, so `torch.compile(model, fullgraph=True)` traces a Mamba block
 through them.
 
 JAMBA.py loads this file the first time a Mamba block asks for it (JAMBA._fused) and uses its parallel scan
-where it is missing or cannot be built. Letters as in JAMBA.py's glossary; D is d padded to whole blocks of LANES.
+where it is missing or cannot be built; Jamba.step goes through model_step where JAMBA._fusable says it helps. Letters as in JAMBA.py's glossary; D is d padded to whole blocks of LANES.
 """
 
 import ctypes
@@ -28,6 +28,9 @@ import torch.nn.functional as F
 LANES = 64      # channels per block: the lanes of the kernel's inner loops (any vector width divides it)
 CHUNK = 32      # time steps per chunk: forward saves the state at each chunk's start, backward reruns a chunk
 TYPES = {torch.float32: "f32", torch.float64: "f64"}      # the dtypes it is built for, and their suffix
+# The settings model_step takes from a JambaConfig, in order (num_key_value_heads None: nhead)
+CONFIG = ("d_model vocab_size d_state d_conv expand dim_feedforward nhead num_key_value_heads num_experts "  # noqa: SIM905
+          "num_experts_per_tok max_seq_length").split()
 SOURCE = Path(__file__).with_name("selective_scan.cpp")
 _library = None
 
@@ -48,8 +51,8 @@ def _build(compiler):
     keyed by the source, the compiler, the flags and the CPU; its path, or why it failed (a str)."""
     flags = ["-O3", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
              f"-DLANES={LANES}", f"-DCHUNK={CHUNK}"]
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else platform.processor()
-    cpu = [platform.machine(), *[line for line in cpu.splitlines() if line.startswith(("model name", "flags"))][:2]]
+    info = Path("/proc/cpuinfo")                # the CPU's instructions, for which -march=native builds
+    cpu = [platform.machine(), info.read_text().partition("\nflags")[2].partition("\n")[0] if info.is_file() else ""]
     key = hashlib.sha256(repr([SOURCE.read_text(), compiler, flags, cpu]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jamba"
     path = cache / f"selective_scan_{key}.so"
@@ -68,16 +71,17 @@ def _build(compiler):
                     return Path(shutil.move(f"{tmp}/built.so", path))
     except OSError as err:
         return f"it cannot be built in {cache} ({err})"
-    error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr[:200])
-    return f"{compiler} could not compile it ({error.strip()})"
+    return f"{compiler} could not compile it ({result.stderr.strip()[:300]})"
 
 
 def _call(kernel, *args):
     """kernel_f32 or kernel_f64 (by the first argument's dtype) on args as C types: a tensor's memory, a
-    bool as int, an int as int64 (a ctypes value as it is), None as a null pointer."""
+    bool as int, an int as int64, a list of tensors as an array of their memory (a ctypes value as it is), None as
+    a null pointer."""
     getattr(_library, f"{kernel}_{TYPES[args[0].dtype]}")(*(
         ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) if isinstance(a, bool)
-        else ctypes.c_int64(a) if isinstance(a, int) else a for a in args))
+        else ctypes.c_int64(a) if isinstance(a, int) else (ctypes.c_void_p * len(a))(*(t.data_ptr() for t in a))
+        if isinstance(a, list) else a for a in args))
 
 
 def _threads(b, l, d, n):
@@ -232,19 +236,27 @@ def causal_conv(x, weight, bias):
     return out[..., :x.shape[2]].to(x.dtype)
 
 
-def layer_step(layer, x, state):
-    """A JambaLayer's step(x, state) for a Mamba layer, in one call: both RMSNorms and residuals, in_proj, the conv
-    window, x_proj, the inner RMSNorms, dt_proj, softplus, the state update, C h, D, the gate, out_proj, and a
-    dense MLP (a mixture of experts runs in torch after it). Inference only, for float32 or float64 weights and
-    states -> (y, (new conv_state, new ssm_state))."""
-    block, mlp, (conv_state, h) = layer.mixer, layer.feed_forward, (s.contiguous() for s in state)
-    norms = [getattr(block, f"{name}_layernorm", None) for name in ("dt", "b", "c")]    # None where off
-    ff = [getattr(mlp, f"{name}_proj", None) for name in ("gate", "up", "down")]     # None: experts
-    y, new_conv_state, new_h = torch.empty_like(x), torch.empty_like(conv_state), torch.empty_like(h)
-    _call("layer_step", x.contiguous(), layer.input_layernorm.weight, block.in_proj.weight, conv_state,
-          block.conv1d.weight, block.conv1d.bias, block.x_proj.weight, *(getattr(n, "weight", None) for n in norms),
-          block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D, h, block.out_proj.weight,
-          layer.pre_ff_layernorm.weight, *(getattr(p, "weight", None) for p in ff), new_conv_state, new_h, y,
-          *x.shape, block.d_inner, block.d_state, block.dt_rank, block.d_conv, getattr(ff[0], "out_features", 0),
-          ctypes.c_double(getattr(norms[0], "eps", 0.0)), ctypes.c_double(layer.input_layernorm.eps))
-    return (y if ff[0] else layer._feed_forward(y)), (new_conv_state, new_h)
+def model_step(model, x, states, return_hidden):
+    """Jamba.step after the embedding, in one call: every layer's norms, mixer, residuals and feed-forward, the
+    final norm and the head, the arithmetic of the torch step. Inference only, everything of x's dtype (float32 or
+    float64): x (b, m) -> (logits (b, v), or the final hidden states (b, m) with return_hidden; the new states)."""
+    states, tensors, cache = list(states), [], []
+    for i, s in enumerate(states):
+        if model.layer_pattern[i] == "M":       # copies, which the kernel steps in place
+            states[i] = s = tuple(t.clone(memory_format=torch.contiguous_format) for t in s)
+        else:       # the cache with a slot for this token's key and value, marked a token, which the kernel fills
+            states[i] = s = model.layers[i].mixer._append(s, s.keys[:, :, :1], s.values[:, :, :1],
+                                                          s.next_position >= 0, s.next_position + 1)
+            cache += [s.length, s.keys.shape[2]]
+        tensors += filter(torch.is_tensor, s)
+    # the parameters in model.parameters()'s order, a tied head's again (parameters() costs more)
+    weights = [p for module in model.modules() for p in module._parameters.values() if p is not None]
+    c = model.config
+    if {w.dtype for w in weights} != {x.dtype}:
+        raise TypeError(f"the model's parameters must all be of x's dtype {x.dtype}")
+    out = x.new_empty(len(x), c.d_model if return_hidden else c.vocab_size)
+    _call("model_step", x.contiguous(), out, weights, tensors, torch.tensor(cache),
+          (model.layer_pattern + model.mlp_pattern).encode(), len(x), *(getattr(c, name) or c.nhead for name in
+          CONFIG), max(getattr(layer.mixer, "dt_rank", 0) for layer in model.layers), c.rotary, return_hidden,
+          ctypes.c_double(c.rms_norm_eps), torch.get_num_threads())
+    return out, states

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -282,73 +283,42 @@ template <typename T> static void conv_backward_block(const Conv<T>& s, int tid,
     }
 }
 
-// The recurrent mode ([Mamba] Section 3.4), one token for each of b sequences: all of MambaBlock.step between
-// in_proj and out_proj in one call (step itself does it in a few dozen small torch operations). Layouts: window,
-// new_window (b, d, k); xz (b, 2d), in_proj's output, x then z; y (b, d); h, new_h (b, d, n); conv_w (d, k);
-// x_proj_w (r + 2n, d); dt_proj_w (d, r); A_log (d, n). The three norm weights are null without the inner norms.
-template <typename T> struct Step {
-    const T *window, *xz, *conv_w, *conv_b, *x_proj_w, *dt_norm_w, *b_norm_w, *c_norm_w, *dt_proj_w, *dt_proj_b,
-        *A_log, *D, *h;
-    T *new_window, *new_h, *y;
-    int64_t b, d, n, r, k;
+// A whole Jamba model, one token for each of b sequences: Jamba.step after the embedding, in one call. Each
+// sequence is read by a team of threads (with fewer sequences than threads: all of them; else one each): the loops
+// marked SHARED split their iterations among the team, ONE is done by one of them, and each ends with a barrier.
+// Where no parallel region encloses them (OpenMP off) they run as plain loops.
+#define SHARED _Pragma("omp for schedule(static)")
+#define ONE _Pragma("omp single")
+
+// w: the model's parameters in model.parameters()'s order (the embedding, then per layer its input norm, its
+// mixer's, its pre-ff norm, its MLP's or its router's and experts'; the final norm), then the head's (the
+// embedding's again when tied). states, per layer: a Mamba layer's conv window (b, d, k) and h (b, d, n), stepped
+// in place; an attention layer's keys and values (b, g, room, e), is_token (b, room) and next_position (b), with
+// the slot of this token's key and value (length - 1, written here) marked a token. cache: each attention layer's
+// length and room.
+template <typename T> struct Model {
+    const T *x, *const *w;
+    void* const* states;
+    const int64_t* cache;
+    const char *layers, *mlps;             // the model's layer and MLP patterns
+    int64_t count;                         // of layers
+    T* out;                                // (b, v) logits, or the final hidden states (b, m)
+    int64_t m, v, n, k, d, f, heads, groups, experts, top_k, window, r;
+    bool rotary, hidden;
     T eps;
 };
 
-template <typename T> static void rms_norm(T* x, int64_t size, const T* weight, T eps) {
-    T sum = T(0);
-    for (int64_t i = 0; i < size; ++i) sum += x[i] * x[i];
-    const T scale = T(1) / std::sqrt(sum / T(size) + eps);
-    for (int64_t i = 0; i < size; ++i) x[i] *= scale * weight[i];
-}
+// A team's working memory for one sequence. p: the attention scores of each head.
+template <typename T> struct Scratch {
+    std::vector<T> x, normed, mixed, sum, xz, y, q, gate, up, probs, u, dt_B_C, p;
+    Scratch(const Model<T>& M, int64_t longest)
+        : x(M.m), normed(M.m), mixed(M.m), sum(M.m), xz(2 * M.d), y(std::max(M.d, M.m)), q(M.m), gate(M.f),
+          up(M.f), probs(M.experts), u(M.d), dt_B_C(M.r + 2 * M.n), p(M.heads * longest) {}
+};
 
-template <typename T> static void mamba_step(const Step<T>& s) {
-    const int64_t d = s.d, n = s.n, r = s.r, k = s.k;
-    std::vector<T> u(d), dt_B_C(r + 2 * n);
-    for (int64_t bi = 0; bi < s.b; ++bi) {
-        for (int64_t c = 0; c < d; ++c) {              // the conv window slides by one; u = silu(conv)
-            const T *old = s.window + (bi * d + c) * k, *w = s.conv_w + c * k;
-            T* now = s.new_window + (bi * d + c) * k;
-            T pre = s.conv_b[c] + w[k - 1] * s.xz[bi * 2 * d + c];
-            for (int64_t j = 0; j < k - 1; ++j) {
-                now[j] = old[j + 1];
-                pre += w[j] * now[j];
-            }
-            now[k - 1] = s.xz[bi * 2 * d + c];
-            u[c] = pre / (T(1) + exp_(-pre));
-        }
-        for (int64_t j = 0; j < r + 2 * n; ++j) {      // x_proj: dt, B and C (Algorithm 2, lines 3-5)
-            const T* w = s.x_proj_w + j * d;
-            T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = 0; c < d; ++c) sum += w[c] * u[c];
-            dt_B_C[j] = sum;
-        }
-        const T *dt = dt_B_C.data(), *B = dt + r, *C = B + n;
-        if (s.dt_norm_w) {                               // Jamba's RMSNorms on dt, B and C
-            rms_norm(dt_B_C.data(), r, s.dt_norm_w, s.eps);
-            rms_norm(dt_B_C.data() + r, n, s.b_norm_w, s.eps);
-            rms_norm(dt_B_C.data() + r + n, n, s.c_norm_w, s.eps);
-        }
-        for (int64_t c = 0; c < d; ++c) {
-            T delta = s.dt_proj_b[c];                    // delta = softplus(dt_proj(dt)), line 6
-            for (int64_t j = 0; j < r; ++j) delta += s.dt_proj_w[c * r + j] * dt[j];
-            delta = delta > T(20) ? delta : std::log1p(std::exp(delta));   // linear past 20, as torch's softplus
-            const T du = delta * u[c], *A_log = s.A_log + c * n, *h = s.h + (bi * d + c) * n;
-            T* __restrict h_new = s.new_h + (bi * d + c) * n;
-            T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < n; ++i) {            // h = exp(delta A) h + delta B u; y = C . h (Eq. 2, 4)
-                h_new[i] = exp_(-delta * exp_(A_log[i])) * h[i] + du * B[i];
-                sum += C[i] * h_new[i];
-            }
-            const T z = s.xz[bi * 2 * d + d + c];
-            s.y[bi * d + c] = (sum + s.D[c] * u[c]) * z / (T(1) + exp_(-z));   // + D u, then the gate
-        }
-    }
-}
-
-// out = w x for a (rows, cols) row-major matrix w, as nn.Linear keeps its weight.
+// out = w x for a (rows, cols) row-major matrix w, as nn.Linear keeps its weight; rows shared.
 template <typename T> static void matvec(const T* w, const T* x, T* out, int64_t rows, int64_t cols) {
+    SHARED
     for (int64_t i = 0; i < rows; ++i) {
         const T* row = w + i * cols;
         T sum = T(0);
@@ -358,39 +328,183 @@ template <typename T> static void matvec(const T* w, const T* x, T* out, int64_t
     }
 }
 
-// A Jamba layer with a Mamba mixer, one token: r = x + out_proj(mamba_step(in_proj(norm(x)))), then for a dense
-// MLP out = r + down(silu(gate(norm(r))) * up(norm(r))), with JambaLayer's two RMSNorms; without one (no gate_w),
-// out = r.
-template <typename T> struct Layer {
-    const T *x, *norm_w, *in_proj_w, *out_proj_w, *ff_norm_w, *gate_w, *up_w, *down_w;
-    T* out;
-    int64_t m, f;
-    T eps;
-};
+template <typename T> static void rms_norm(T* x, int64_t size, const T* weight, T eps) {
+    T sum = T(0);
+    for (int64_t i = 0; i < size; ++i) sum += x[i] * x[i];
+    const T scale = T(1) / std::sqrt(sum / T(size) + eps);
+    for (int64_t i = 0; i < size; ++i) x[i] *= scale * weight[i];
+}
 
-template <typename T> static void layer_step(const Layer<T>& L, Step<T> s) {
-    const int64_t b = s.b, m = L.m, d = s.d, f = L.f;
-    std::vector<T> normed(m), xz(b * 2 * d), y(b * d), gate(f), up(f);
-    for (int64_t bi = 0; bi < b; ++bi) {
-        std::copy(L.x + bi * m, L.x + (bi + 1) * m, normed.begin());
-        rms_norm(normed.data(), m, L.norm_w, L.eps);
-        matvec(L.in_proj_w, normed.data(), xz.data() + bi * 2 * d, 2 * d, m);
+// The recurrent mode ([Mamba] Section 3.4) of one sequence: MambaBlock.step between in_proj and out_proj (xz,
+// in_proj's output, x then z -> y (d)), the conv window (d, k) and h (d, n) stepped in place. w: the block's
+// parameters from A_log (A_log (d, n), D, in_proj, conv (d, k) and its bias, x_proj (r + 2n, d), dt_proj (d, r)
+// and its bias, the RMSNorms of dt, B and C, out_proj).
+template <typename T> static void mamba_step(const Model<T>& M, const T* const* w, T* window, T* h, Scratch<T>& S) {
+    const int64_t d = M.d, n = M.n, r = M.r, k = M.k;
+    const T *A_log = w[0], *D = w[1], *conv_w = w[3], *conv_b = w[4], *dt_proj_w = w[6], *dt_proj_b = w[7];
+    T *u = S.u.data(), *dt = S.dt_B_C.data(), *B = dt + r, *C = B + n;
+    SHARED
+    for (int64_t c = 0; c < d; ++c) {                  // the conv window slides by one; u = silu(conv)
+        T* now = window + c * k;
+        T pre = conv_b[c] + conv_w[c * k + k - 1] * S.xz[c];
+        for (int64_t j = 0; j < k - 1; ++j) {
+            now[j] = now[j + 1];
+            pre += conv_w[c * k + j] * now[j];
+        }
+        now[k - 1] = S.xz[c];
+        u[c] = pre / (T(1) + exp_(-pre));
     }
-    s.xz = xz.data();
-    s.y = y.data();
-    mamba_step(s);
-    for (int64_t bi = 0; bi < b; ++bi) {
-        T* out = L.out + bi * m;
-        matvec(L.out_proj_w, y.data() + bi * d, out, m, d);
-        for (int64_t j = 0; j < m; ++j) out[j] += L.x[bi * m + j];      // the first residual
-        if (!L.gate_w) continue;                                        // a mixture of experts: torch's to run
-        std::copy(out, out + m, normed.begin());
-        rms_norm(normed.data(), m, L.ff_norm_w, L.eps);
-        matvec(L.gate_w, normed.data(), gate.data(), f, m);
-        matvec(L.up_w, normed.data(), up.data(), f, m);
-        for (int64_t i = 0; i < f; ++i) gate[i] = gate[i] / (T(1) + exp_(-gate[i])) * up[i];
-        matvec(L.down_w, gate.data(), normed.data(), m, f);
-        for (int64_t j = 0; j < m; ++j) out[j] += normed[j];            // the second
+    matvec(w[5], u, dt, r + 2 * n, d);                 // x_proj: dt, B and C (Algorithm 2, lines 3-5)
+    ONE {                                              // Jamba's RMSNorms on dt, B and C
+        rms_norm(dt, r, w[8], M.eps);
+        rms_norm(B, n, w[9], M.eps);
+        rms_norm(C, n, w[10], M.eps);
+    }
+    SHARED
+    for (int64_t c = 0; c < d; ++c) {
+        T delta = dt_proj_b[c];                        // delta = softplus(dt_proj(dt)), line 6
+        for (int64_t j = 0; j < r; ++j) delta += dt_proj_w[c * r + j] * dt[j];
+        delta = delta > T(20) ? delta : std::log1p(std::exp(delta));   // linear past 20, as torch's softplus
+        const T du = delta * u[c], *A = A_log + c * n;
+        T *hc = h + c * n, sum = T(0);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) {              // h = exp(delta A) h + delta B u; y = C . h (Eq. 2, 4)
+            hc[i] = exp_(-delta * exp_(A[i])) * hc[i] + du * B[i];
+            sum += C[i] * hc[i];
+        }
+        const T z = S.xz[d + c];
+        S.y[c] = (sum + D[c] * u[c]) * z / (T(1) + exp_(-z));     // + D u, then the gate
+    }
+}
+
+// The gated SiLU MLP: out = down(silu(gate(x)) * up(x)); w: gate (f, m), up (f, m), down (m, f).
+template <typename T> static void mlp(const Model<T>& M, const T* const* w, const T* x, T* out, Scratch<T>& S) {
+    matvec(w[0], x, S.gate.data(), M.f, M.m);
+    matvec(w[1], x, S.up.data(), M.f, M.m);
+    SHARED
+    for (int64_t i = 0; i < M.f; ++i) S.gate[i] = S.gate[i] / (T(1) + exp_(-S.gate[i])) * S.up[i];
+    matvec(w[2], S.gate.data(), out, M.m, M.f);
+}
+
+// Rotary embedding (RoFormer) of one head x (e) at position pos, as JAMBA._rotary: halves x1, x2 ->
+// x1 cos - x2 sin, x1 sin + x2 cos at angles pos * 10000^(-2i/e).
+template <typename T> static void rotary(T* x, int64_t e, int64_t pos) {
+    for (int64_t i = 0; i < e / 2; ++i) {
+        const T angle = T(pos) * std::pow(T(10000), -T(2 * i) / T(e)), x1 = x[i], x2 = x[i + e / 2];
+        x[i] = x1 * std::cos(angle) - x2 * std::sin(angle);
+        x[i + e / 2] = x1 * std::sin(angle) + x2 * std::cos(angle);
+    }
+}
+
+// One query token of sequence bi attends over its cache (AttentionBlock.step): q, k, v of S.normed, rotated where
+// the layer has rotary positions; k and v written to the cache's slot length - 1; each query head, shared,
+// softmax(q.k / sqrt(e)) over its group's keys among the last `window` slots that hold tokens -> S.y (m), the
+// heads' outputs side by side. w: q_proj, k_proj, v_proj.
+template <typename T> static void attend(const Model<T>& M, const T* const* w, void* const* s, const int64_t* cache,
+                                         bool rotate, int64_t bi, Scratch<T>& S) {
+    const int64_t m = M.m, e = m / M.heads, g = M.groups, length = cache[0], room = cache[1];
+    const int64_t first = std::max<int64_t>(0, length - M.window), pos = ((const int64_t*)s[3])[bi] - 1;
+    T *keys = (T*)s[0] + bi * g * room * e, *values = (T*)s[1] + bi * g * room * e;
+    const bool* is_token = (const bool*)s[2] + bi * room;
+    matvec(w[0], S.normed.data(), S.q.data(), m, m);
+    for (int64_t gi = 0; gi < g; ++gi) {
+        matvec(w[1] + gi * e * m, S.normed.data(), keys + (gi * room + length - 1) * e, e, m);
+        matvec(w[2] + gi * e * m, S.normed.data(), values + (gi * room + length - 1) * e, e, m);
+    }
+    if (rotate) {
+        SHARED
+        for (int64_t hi = 0; hi < M.heads + g; ++hi)      // the query heads, then the new keys
+            rotary(hi < M.heads ? S.q.data() + hi * e : keys + ((hi - M.heads) * room + length - 1) * e, e, pos);
+    }
+    SHARED
+    for (int64_t hi = 0; hi < M.heads; ++hi) {
+        const int64_t gi = hi / (M.heads / g);
+        T *q = S.q.data() + hi * e, *y = S.y.data() + hi * e, *p = S.p.data() + hi * length, top = -INFINITY;
+        for (int64_t t = first; t < length; ++t) {
+            if (!is_token[t]) continue;
+            const T* key = keys + (gi * room + t) * e;
+            T dot = T(0);
+            for (int64_t j = 0; j < e; ++j) dot += q[j] * key[j];
+            p[t] = dot / std::sqrt(T(e));
+            top = std::max(top, p[t]);
+        }
+        T total = T(0);
+        std::fill(y, y + e, T(0));
+        for (int64_t t = first; t < length; ++t) {
+            if (!is_token[t]) continue;
+            const T weight = std::exp(p[t] - top), *value = values + (gi * room + t) * e;
+            total += weight;
+            for (int64_t j = 0; j < e; ++j) y[j] += weight * value[j];
+        }
+        for (int64_t j = 0; j < e; ++j) y[j] /= total;
+    }
+}
+
+// Sequence bi through every layer: x = x + mixer(norm(x)), x = x + feed_forward(norm(x)) (JambaLayer.step), then
+// the final norm and the head.
+template <typename T> static void model_row(const Model<T>& M, int64_t bi, Scratch<T>& S) {
+    const int64_t m = M.m, d = M.d;
+    T *x = S.x.data(), *normed = S.normed.data(), *mixed = S.mixed.data();
+    const T* const* w = M.w + 1;                     // after the embedding
+    void* const* s = M.states;
+    const int64_t* cache = M.cache;
+    ONE std::copy(M.x + bi * m, M.x + (bi + 1) * m, x);
+    for (int64_t i = 0; i < M.count; ++i) {
+        ONE {
+            std::copy(x, x + m, normed);
+            rms_norm(normed, m, w[0], M.eps);
+        }
+        ++w;
+        if (M.layers[i] == 'M') {                    // A_log, D, in_proj, conv, x_proj, dt_proj, three norms, out_proj
+            matvec(w[2], normed, S.xz.data(), 2 * d, m);
+            mamba_step(M, w, (T*)s[0] + bi * d * M.k, (T*)s[1] + bi * d * M.n, S);
+            matvec(w[11], S.y.data(), mixed, m, d);
+            w += 12;
+            s += 2;
+        } else {                                     // q, k, v, o
+            const bool rotate = M.rotary && !std::memchr(M.layers, 'M', i);   // before any Mamba layer
+            attend(M, w, s, cache, rotate, bi, S);
+            matvec(w[3], S.y.data(), mixed, m, m);
+            w += 4;
+            s += 4;
+            cache += 2;
+        }
+        ONE {
+            for (int64_t j = 0; j < m; ++j) x[j] += mixed[j];
+            std::copy(x, x + m, normed);
+            rms_norm(normed, m, w[0], M.eps);
+            std::fill(S.sum.begin(), S.sum.end(), T(0));
+        }
+        ++w;
+        if (M.mlps[i] == 'D') {
+            mlp(M, w, normed, S.sum.data(), S);
+            w += 3;
+        } else {    // a mixture of experts: the top_k by the router's softmax, weighted by their probabilities
+            matvec(w[0], normed, S.probs.data(), M.experts, m);
+            ONE {
+                const T top = *std::max_element(S.probs.begin(), S.probs.end());
+                T total = T(0);
+                for (T& prob : S.probs) total += prob = std::exp(prob - top);
+                std::vector<T> kth(S.probs);
+                std::nth_element(kth.begin(), kth.begin() + M.top_k - 1, kth.end(), std::greater<T>());
+                for (int64_t e = 0, chosen = 0; e < M.experts; ++e)     // 0 for the others
+                    S.probs[e] = S.probs[e] >= kth[M.top_k - 1] && chosen++ < M.top_k ? S.probs[e] / total : T(0);
+            }
+            for (int64_t e = 0; e < M.experts; ++e) {
+                if (S.probs[e] == T(0)) continue;
+                mlp(M, w + 1 + 3 * e, normed, mixed, S);
+                SHARED
+                for (int64_t j = 0; j < m; ++j) S.sum[j] += S.probs[e] * mixed[j];
+            }
+            w += 1 + 3 * M.experts;
+        }
+        ONE for (int64_t j = 0; j < m; ++j) x[j] += S.sum[j];
+    }
+    ONE rms_norm(x, m, w[0], M.eps);
+    if (M.hidden) {
+        ONE std::copy(x, x + m, M.out + bi * m);
+    } else {
+        matvec(w[1], x, M.out + bi * M.v, M.v, m);
     }
 }
 
@@ -433,26 +547,31 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
             for (int64_t i = begin; i < end; ++i) backward_block(s, tid, i / (d / W), i % (d / W) * W, m);        \
         });                                                                                                       \
     }                                                                                                             \
-    extern "C" void mamba_step_##suffix(const T* window, const T* xz, const T* conv_w,                          \
-                                        const T* conv_b, const T* x_proj_w, const T* dt_norm_w,                   \
-                                        const T* b_norm_w, const T* c_norm_w, const T* dt_proj_w,                 \
-                                        const T* dt_proj_b, const T* A_log, const T* D, const T* h,               \
-                                        T* new_window, T* new_h, T* y, int64_t b, int64_t d, int64_t n,           \
-                                        int64_t r, int64_t k, double eps) {                                       \
-        mamba_step(Step<T>{window, xz, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,       \
-                           dt_proj_b, A_log, D, h, new_window, new_h, y, b, d, n, r, k, T(eps)});                 \
-    }                                                                                                             \
-    extern "C" void layer_step_##suffix(const T* x, const T* norm_w, const T* in_proj_w, const T* window,         \
-                                        const T* conv_w, const T* conv_b, const T* x_proj_w, const T* dt_norm_w,  \
-                                        const T* b_norm_w, const T* c_norm_w, const T* dt_proj_w,                 \
-                                        const T* dt_proj_b, const T* A_log, const T* D, const T* h,               \
-                                        const T* out_proj_w, const T* ff_norm_w, const T* gate_w, const T* up_w,  \
-                                        const T* down_w, T* new_window, T* new_h, T* out, int64_t b, int64_t m,   \
-                                        int64_t d, int64_t n, int64_t r, int64_t k, int64_t f, double inner_eps,  \
-                                        double eps) {                                                             \
-        layer_step(Layer<T>{x, norm_w, in_proj_w, out_proj_w, ff_norm_w, gate_w, up_w, down_w, out, m, f, T(eps)},  \
-                   Step<T>{window, nullptr, conv_w, conv_b, x_proj_w, dt_norm_w, b_norm_w, c_norm_w, dt_proj_w,   \
-                           dt_proj_b, A_log, D, h, new_window, new_h, nullptr, b, d, n, r, k, T(inner_eps)});     \
+    extern "C" void model_step_##suffix(const T* x, T* out, const T* const* w, void* const* states,               \
+                                        const int64_t* cache, const char* patterns, int64_t b, int64_t m,         \
+                                        int64_t v, int64_t n, int64_t k, int64_t expand, int64_t f,               \
+                                        int64_t heads, int64_t groups, int64_t experts, int64_t top_k,            \
+                                        int64_t window, int64_t r, int rotary, int hidden, double eps,            \
+                                        int64_t threads) {                                                        \
+        const int64_t layers = std::strlen(patterns) / 2;             /* then as many of the MLPs' */             \
+        const Model<T> M{x, w, states, cache, patterns, patterns + layers, layers, out, m, v, n, k, expand * m,   \
+                         f, heads, groups, experts, top_k, window, r, rotary != 0, hidden != 0, T(eps)};          \
+        int64_t longest = 1;                                                                                      \
+        for (int64_t i = 0, j = 0; i < layers; ++i)   /* the longest attention cache */                           \
+            if (patterns[i] == 'A') longest = std::max(longest, cache[2 * j++]);                                  \
+        if (b < threads) {                        /* one team for each sequence in turn */                        \
+            Scratch<T> S(M, longest);                                                                             \
+            _Pragma("omp parallel num_threads(threads)")                                                          \
+            for (int64_t bi = 0; bi < b; ++bi) model_row(M, bi, S);                                               \
+        } else {                                  /* a team of one for each sequence */                           \
+            in_parallel(b, int(threads), [&](int, int64_t begin, int64_t end) {                                   \
+                Scratch<T> S(M, longest);                                                                         \
+                for (int64_t bi = begin; bi < end; ++bi) {                                                        \
+                    _Pragma("omp parallel num_threads(1)")                                                        \
+                    model_row(M, bi, S);                                                                          \
+                }                                                                                                 \
+            });                                                                                                   \
+        }                                                                                                         \
     }                                                                                                             \
     extern "C" void conv_forward_##suffix(const T* x, const T* w, const T* bias, T* out, int64_t b, int64_t l,    \
                                           int64_t d, int64_t k, int threads) {                                    \
