@@ -18,7 +18,7 @@ Reading order: the model first, each piece using only those above it; then the m
   5. layer_schedule, JambaConfig, JambaLayer, Jamba                         [Jamba] 2, Figure 1
   6. Generation: prefill, step, generate, pad_prompts                       [Mamba] 3.4
   7. Argument checks: each public entry point makes one call
-  8. The fused kernels: loading kernels/fused.py, choosing a scan
+  8. The fused kernels: loading kernels/fused.py, choosing a scan, when a step runs in one call
   9. The Hugging Face format: from_pretrained, save_pretrained
 
 Glossary: the letters used in every shape comment.
@@ -37,6 +37,7 @@ in 8 or 11 bits of mantissa), float32 and float64 as they are: torch.promote_typ
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -763,10 +764,9 @@ def pad_prompts(prompts, pad_id=0):
     token ids -> (idx (b, l), attention_mask (b, l)), l the longest prompt's length, each row
     pad_id then its prompt."""
     _check_prompts(prompts)
-    pad = nn.utils.rnn.pad_sequence
+    pad = functools.partial(nn.utils.rnn.pad_sequence, batch_first=True, padding_side="left")
     # (b, l) twice: pad_id, then each prompt; and its mask, 0 at the pads
-    return (pad(prompts, batch_first=True, padding_value=pad_id, padding_side="left"),
-            pad([torch.ones_like(p) for p in prompts], batch_first=True, padding_side="left"))
+    return pad(prompts, padding_value=pad_id), pad([torch.ones_like(p) for p in prompts])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -990,14 +990,15 @@ def _scan_function(scan, device):
 
 def _fusable(model, x, states):
     """Whether a Jamba's step goes through kernels/fused.py's model_step, the same arithmetic in one
-    call where hundreds of small torch ops cost more than it: on the fused scan, in inference (no
-    gradient, no dropout), x and the states of one dtype, float32 or float64 (model_step checks that
-    the weights are too), and a small batch: it reads every weight once per sequence, torch's
-    matrix products once per batch, which wins past about 4096 numbers in x (b * d_model)."""
+    call where hundreds of small torch ops cost more than it: a model on the fused scan (scan auto or
+    fused, x on a CPU where the kernels can be had), in inference (no gradient, no dropout), x and
+    the states of one dtype, float32 or float64 (model_step checks that the weights are too), and a
+    small batch: it reads every weight once per sequence, torch's matrix products once per batch,
+    which wins past about 4096 numbers in x (b * d_model)."""
     return (not (torch.is_grad_enabled() or model.training) and x.numel() <= 4096
             and {x.dtype, *(t.dtype for state in states for t in state[:2])}
-            in ({torch.float32}, {torch.float64})
-            and _scan_function(model.config.scan, x.device) is selective_scan_fused)
+            in ({torch.float32}, {torch.float64}) and model.config.scan in ("auto", "fused")
+            and _scan_function("auto", x.device) is selective_scan_fused)
 
 
 # -------------------------------------------------------------------------------------------------

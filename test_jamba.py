@@ -882,7 +882,8 @@ def test_fused_step_equals_the_torch_step(monkeypatch, dtype, experts, batch):
     logits, hidden states and states of the torch step, over a left-padded batch, 70 steps past a window of 5
     (the attention cache moves to a new room), with grouped-query heads, rotary positions in the attention layer
     before the Mamba layers and none in the one after, experts or dense MLPs; one sequence (read by all threads
-    together) or three (each by a thread). With a gradient, or a batch too large, it takes torch's."""
+    together) or three (each by a thread); experts tied in the router. With a gradient, a batch too large or
+    off the CPU, it takes torch's."""
     require_fused()
     torch.manual_seed(0)
     model = trained_like(tiny_jamba(num_mamba_layers=2, num_transformer_layers=2, attn_layer_period=2,
@@ -891,6 +892,12 @@ def test_fused_step_equals_the_torch_step(monkeypatch, dtype, experts, batch):
     assert (model.layer_pattern, model.mlp_pattern) == ("AMAM", "DEDE" if experts else "DDDD")
     with torch.no_grad():   # scores far from 0, so that a wrong position or key changes the softmax
         model.layers[0].mixer.q_proj.weight.mul_(20)
+        for moe in (layer.feed_forward for layer in model.layers[1::2] if experts):
+            # experts 0 and 1 the same and tied in the router, 2 and 3 each above them by turns: the top 2 are
+            # always one of the tied and the one above them, whichever the tie gives
+            w = moe.router.weight
+            w[1], w[2], w[3] = w[0], 2 * w[0], -w[0]
+            moe.experts[1].load_state_dict(moe.experts[0].state_dict())
     prompts = [torch.tensor([4]), torch.tensor([1, 2, 3]), torch.tensor([5, 6, 7, 8])][:batch]
     prompt, mask = JAMBA.pad_prompts(prompts)
     tokens = torch.randint(0, 11, (batch, 70), generator=torch.Generator().manual_seed(1))
@@ -915,6 +922,7 @@ def test_fused_step_equals_the_torch_step(monkeypatch, dtype, experts, batch):
     with torch.no_grad():
         assert JAMBA._fusable(model, embeds, states) and not JAMBA._fusable(model.train(), embeds, states)
         assert not JAMBA._fusable(model.eval(), embeds.repeat(257, 1), states)   # a batch past 4096 numbers
+        assert not JAMBA._fusable(model, embeds.to("meta"), states)           # not on a CPU
     assert not JAMBA._fusable(model, embeds, states)                  # with a gradient
 
 

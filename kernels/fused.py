@@ -75,13 +75,12 @@ def _build(compiler):
 
 
 def _call(kernel, *args):
-    """kernel_f32 or kernel_f64 (by the first argument's dtype) on args as C types: a tensor's memory, a
-    bool as int, an int as int64, a list of tensors as an array of their memory (a ctypes value as it is), None as
-    a null pointer."""
+    """kernel_f32 or kernel_f64 (by the first argument's dtype) on args as C types: a tensor's memory, an int
+    or a bool as int64, a list of tensors as an array of their memory (a ctypes value as it is), None as a null
+    pointer."""
     getattr(_library, f"{kernel}_{TYPES[args[0].dtype]}")(*(
-        ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) if isinstance(a, bool)
-        else ctypes.c_int64(a) if isinstance(a, int) else (ctypes.c_void_p * len(a))(*(t.data_ptr() for t in a))
-        if isinstance(a, list) else a for a in args))
+        ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int64(a) if isinstance(a, int)
+        else (ctypes.c_void_p * len(a))(*(t.data_ptr() for t in a)) if isinstance(a, list) else a for a in args))
 
 
 def _threads(b, l, d, n):
@@ -247,13 +246,13 @@ def model_step(model, x, states, return_hidden):
         else:       # the cache with a slot for this token's key and value, marked a token, which the kernel fills
             states[i] = s = model.layers[i].mixer._append(s, s.keys[:, :, :1], s.values[:, :, :1],
                                                           s.next_position >= 0, s.next_position + 1)
-            cache += [s.length, s.keys.shape[2]]
+            cache += s.length, s.keys.shape[2]
         tensors += filter(torch.is_tensor, s)
     # the parameters in model.parameters()'s order, a tied head's again (parameters() costs more)
     weights = [p for module in model.modules() for p in module._parameters.values() if p is not None]
     c = model.config
-    if {w.dtype for w in weights} != {x.dtype}:
-        raise TypeError(f"the model's parameters must all be of x's dtype {x.dtype}")
+    if {(w.dtype, w.device) for w in weights} != {(x.dtype, x.device)}:
+        raise TypeError(f"the model's parameters must all be of x's dtype and device, {x.dtype} on {x.device}")
     out = x.new_empty(len(x), c.d_model if return_hidden else c.vocab_size)
     _call("model_step", x.contiguous(), out, weights, tensors, torch.tensor(cache),
           (model.layer_pattern + model.mlp_pattern).encode(), len(x), *(getattr(c, name) or c.nhead for name in

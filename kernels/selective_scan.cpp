@@ -5,7 +5,8 @@
 // (b, d, l, n) tensors of discretisation and states are never made.
 // Layouts: u, delta, z, out and their gradients (b, l, d), channels contiguous; B, C (b, l, n); A (n, d); D (d);
 // h0, last and grad_h0 (b, d, n); saved (b, chunks, n, d), the state at the start of each chunk of CHUNK steps.
-// d is a multiple of LANES (the caller pads with channels whose inputs are 0).
+// d is a multiple of LANES (the caller pads with channels whose inputs are 0). After the scan come the Mamba block's
+// causal conv and, last, a whole model's recurrent step (Jamba.step in one call, model_step).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -485,10 +486,12 @@ template <typename T> static void model_row(const Model<T>& M, int64_t bi, Scrat
                 const T top = *std::max_element(S.probs.begin(), S.probs.end());
                 T total = T(0);
                 for (T& prob : S.probs) total += prob = std::exp(prob - top);
-                std::vector<T> kth(S.probs);
-                std::nth_element(kth.begin(), kth.begin() + M.top_k - 1, kth.end(), std::greater<T>());
-                for (int64_t e = 0, chosen = 0; e < M.experts; ++e)     // 0 for the others
-                    S.probs[e] = S.probs[e] >= kth[M.top_k - 1] && chosen++ < M.top_k ? S.probs[e] / total : T(0);
+                std::vector<T> sorted(S.probs);
+                std::nth_element(sorted.begin(), sorted.begin() + M.top_k - 1, sorted.end(), std::greater<T>());
+                const T kth = sorted[M.top_k - 1];    // those above it, then ties at it by index, K in all
+                int64_t ties = M.top_k - std::count_if(S.probs.begin(), S.probs.end(), [&](T p) { return p > kth; });
+                for (T& prob : S.probs)                                // the weight, 0 for the others
+                    prob = prob > kth || (prob == kth && ties-- > 0) ? prob / total : T(0);
             }
             for (int64_t e = 0; e < M.experts; ++e) {
                 if (S.probs[e] == T(0)) continue;
@@ -524,7 +527,7 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
 }
 
 #define EXPORT(T, suffix)                                                                                         \
-    extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,          \
+    extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* delta_bias, int64_t softplus,      \
                                           const T* A, const T* B, const T* C, const T* D, const T* z,             \
                                           const T* h0, T* out, T* last, T* saved, int64_t b, int64_t l,           \
                                           int64_t d, int64_t n, int threads) {                                    \
@@ -535,7 +538,7 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
             for (int64_t i = begin; i < end; ++i) forward_block(s, i / (d / W), i % (d / W) * W, m);              \
         });                                                                                                       \
     }                                                                                                             \
-    extern "C" void scan_backward_##suffix(const T* u, const T* delta, const T* delta_bias, int softplus,         \
+    extern "C" void scan_backward_##suffix(const T* u, const T* delta, const T* delta_bias, int64_t softplus,     \
                                            const T* A, const T* B, const T* C, const T* D, const T* z,            \
                                            const T* saved, const T* grad_out, const T* grad_last, T* grad_u,      \
                                            T* grad_delta, T* grad_z, T* grad_h0, T* sums, int64_t b, int64_t l,   \
@@ -551,7 +554,7 @@ template <typename F> static void in_parallel(int64_t items, int threads, F f) {
                                         const int64_t* cache, const char* patterns, int64_t b, int64_t m,         \
                                         int64_t v, int64_t n, int64_t k, int64_t expand, int64_t f,               \
                                         int64_t heads, int64_t groups, int64_t experts, int64_t top_k,            \
-                                        int64_t window, int64_t r, int rotary, int hidden, double eps,            \
+                                        int64_t window, int64_t r, int64_t rotary, int64_t hidden, double eps,    \
                                         int64_t threads) {                                                        \
         const int64_t layers = std::strlen(patterns) / 2;             /* then as many of the MLPs' */             \
         const Model<T> M{x, w, states, cache, patterns, patterns + layers, layers, out, m, v, n, k, expand * m,   \
