@@ -9,7 +9,8 @@ shapes without running it, and an autograd formula, so `torch.compile(model, ful
 through them.
 
 JAMBA.py loads this file the first time a Mamba block asks for it (JAMBA._fused) and uses its parallel scan
-where it is missing or cannot be built; Jamba.step goes through model_step where JAMBA._fusable says it helps. Letters as in JAMBA.py's glossary; D is d padded to whole blocks of LANES.
+where it is missing or cannot be built; Jamba.step goes through model_step where JAMBA._fusable says it helps.
+Letters as in JAMBA.py's glossary; D is d padded to whole blocks of LANES.
 """
 
 import ctypes
@@ -248,7 +249,7 @@ def model_step(model, x, states, return_hidden):
                                                           s.next_position >= 0, s.next_position + 1)
             cache += s.length, s.keys.shape[2]
         tensors += filter(torch.is_tensor, s)
-    # the parameters in model.parameters()'s order, a tied head's again (parameters() costs more)
+    # the parameters in model.parameters()'s order, a tied head's again (model.parameters() costs more)
     weights = [p for module in model.modules() for p in module._parameters.values() if p is not None]
     c = model.config
     if {(w.dtype, w.device) for w in weights} != {(x.dtype, x.device)}:
